@@ -1,0 +1,117 @@
+"""The `tokenbooth` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (paper: 4.0)")
+    p.add_argument("--top-k", type=int, default=2000, help="image top-k (paper: 2000; clipped to the codebook)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix every step (slow)")
+    p.add_argument("--sampler", choices=("plain", "sjd"), default="plain",
+                   help="sjd: speculative Jacobi decoding, the same images in fewer forward passes")
+    p.add_argument("--sjd-window", type=int, metavar="L", help="draft tokens per SJD pass (default 16, the paper's)")
+    p.add_argument("--sjd-init", metavar="{random,above}",
+                   help="how SJD fills new draft positions: a random image token (default) or the token above")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tokenbooth", description="Personalize auto-regressive text-to-image models.")
+    ap.add_argument("--version", action="version", version=f"tokenbooth {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="draw images from a text prompt")
+    g.add_argument("prompt")
+    g.add_argument("--model", default="mini", help="model name (mini) or path to a model folder")
+    g.add_argument("-n", "--num-images", type=int, default=4, help="images to draw in one batch")
+    g.add_argument("--out", type=Path, default=Path("out"), help="output folder")
+    g.add_argument("--overwrite", action="store_true", help="replace images already in --out")
+    g.add_argument("--adapter", type=Path, help="an adapter folder written by `tokenbooth train`")
+    _add_sampling_flags(g)
+
+    t = sub.add_parser("train", help="personalize a model on 3-5 images of a subject (two-stage recipe)")
+    t.add_argument("--model", default="mini", help="model name (mini) or path to a model folder")
+    t.add_argument("--images", type=Path, required=True, help="folder with the subject's images")
+    t.add_argument("--class-name", help="the subject's class word, e.g. dog")
+    t.add_argument("--no-class-name", action="store_true", help="prompts with [V] alone (the paper's ablation)")
+    t.add_argument("--output", type=Path, required=True, help="adapter folder to write")
+    t.add_argument("--resume", nargs="?", const="latest", help="continue the run in --output ('latest' or OUT)")
+    _add_train_flags(t)
+
+    d = sub.add_parser("demo", help="personalize mini on a bundled toy subject and draw a comparison grid")
+    d.add_argument("--out", type=Path, default=Path("out/demo"))
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--overwrite", action="store_true")
+    return ap
+
+
+def _add_train_flags(t: argparse.ArgumentParser) -> None:
+    from .personalize import TrainConfig
+
+    d = TrainConfig(class_name=None)
+    t.add_argument("--placeholder", default=d.placeholder, help="the string prompts use for the subject")
+    t.add_argument("--init-token", help="start [V] from this word's embedding (default: random, as the paper)")
+    t.add_argument("--stages", default=d.stages, choices=["two-stage", "embedding", "joint"])
+    t.add_argument("--layers", default=d.layers,
+                   help="stage-2 targets: qkv (paper), lora, or comma-separated regexes over parameter names")
+    t.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    t.add_argument("--lora-every", type=int, default=d.lora_every, help="LoRA on every N-th layer")
+    for name in ("stage1-steps", "stage2-steps", "batch-size"):
+        t.add_argument(f"--{name}", type=int, help="default: the backbone's (personalize/defaults.py)")
+    for name in ("stage1-lr", "stage2-lr"):
+        t.add_argument(f"--{name}", type=float, help="default: the backbone's (personalize/defaults.py)")
+    t.add_argument("--flip", action="store_true", help="add mirrored copies of the images")
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--checkpointing-steps", type=int, default=d.checkpointing_steps)
+    t.add_argument("--prior-preservation", action="store_true", help="DreamBooth's class-prior loss")
+    t.add_argument("--num-class-images", type=int, default=d.num_class_images)
+    t.add_argument("--prior-loss-weight", type=float, default=d.prior_loss_weight)
+    t.add_argument("--validation-prompt", action="append", default=[], dest="validation_prompts")
+    t.add_argument("--validation-steps", type=int, default=d.validation_steps)
+
+
+def cmd_generate(args) -> None:
+    from .generate import run_generate
+
+    run_generate(args)
+
+
+def cmd_train(args) -> None:
+    from .personalize.run import run_train
+
+    run_train(args)
+
+
+def cmd_demo(args) -> None:
+    from .personalize.demo import run_demo
+
+    run_demo(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    torch.set_flush_denormal(True)  # denormals slow CPU kernels down many times over
+    try:
+        {"generate": cmd_generate, "train": cmd_train, "demo": cmd_demo}[args.command](args)
+    except UserError as e:
+        print(f"tokenbooth: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tokenbooth: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Small image helpers shared by the commands: grids for looking at results."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+
+def make_grid(images, columns: int | None = None, min_cell: int = 128, pad: int = 2) -> Image.Image:
+    """Images side by side, upscaled with nearest-neighbour so 32 px samples stay crisp and visible."""
+    if not images:
+        raise ValueError("no images for a grid")
+    columns = columns or min(len(images), 8)
+    w, h = images[0].size
+    scale = max(1, min_cell // max(w, h))
+    cw, ch = w * scale, h * scale
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * (cw + pad) + pad, rows * (ch + pad) + pad), (255, 255, 255))
+    for i, im in enumerate(images):
+        cell = im.convert("RGB").resize((cw, ch), Image.NEAREST)
+        grid.paste(cell, (pad + (i % columns) * (cw + pad), pad + (i // columns) * (ch + pad)))
+    return grid
+
+
+def line_plot(values, title: str = "", size=(640, 360)) -> Image.Image:
+    """A minimal line chart drawn with Pillow (no plotting library needed): the loss curve."""
+    from PIL import ImageDraw
+
+    w, h = size
+    left, right, top, bottom = 60, 20, 30, 40
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    lo, hi = min(values), max(values)
+    hi = hi if hi > lo else lo + 1e-6
+    d.rectangle([left, top, w - right, h - bottom], outline=(180, 180, 180))
+    for frac in (0.0, 0.5, 1.0):
+        y = top + (1 - frac) * (h - top - bottom)
+        d.text((5, y - 6), f"{lo + frac * (hi - lo):.3g}", fill="black")
+    d.text((left, h - bottom + 8), "0", fill="black")
+    d.text((w - right - 40, h - bottom + 8), str(len(values)), fill="black")
+    d.text((left, 8), title, fill="black")
+    n = max(1, len(values) - 1)
+    points = [(left + i / n * (w - left - right), top + (1 - (v - lo) / (hi - lo)) * (h - top - bottom))
+              for i, v in enumerate(values)]
+    if len(points) > 1:
+        d.line(points, fill=(30, 90, 200), width=2)
+    return img
+
+
+def labeled_rows(rows: list[tuple[str, list]], min_cell: int = 96, label_width: int = 230, pad: int = 2) -> Image.Image:
+    """One row of images per (label, images), the label written on the left: comparison figures."""
+    from PIL import ImageDraw
+
+    w, h = rows[0][1][0].size
+    scale = max(1, min_cell // max(w, h))
+    cw, ch = w * scale, h * scale
+    columns = max(len(images) for _, images in rows)
+    sheet = Image.new("RGB", (label_width + columns * (cw + pad) + pad, len(rows) * (ch + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, images) in enumerate(rows):
+        y = pad + r * (ch + pad)
+        draw.text((6, y + ch // 2 - 6), label, fill="black")
+        for c, im in enumerate(images):
+            sheet.paste(im.convert("RGB").resize((cw, ch), Image.NEAREST), (label_width + pad + c * (cw + pad), y))
+    return sheet

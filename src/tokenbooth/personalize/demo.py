@@ -1,0 +1,67 @@
+"""`tokenbooth demo`: personalize mini on the bundled toy robot and show what it learned, in one grid.
+
+Rows: the five reference pictures; the base model asked for the class word alone (what "robot" means
+to it before personalization); then the personalized model in new contexts, a property change and an
+accessory, DreamBench's three kinds of prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..errors import UserError
+from ..images import labeled_rows
+from ..io import atomic_save_image, atomic_write_json
+from ..sampling import SamplingConfig, generate_images
+
+IMAGES_PER_ROW = 5
+PROMPTS = (
+    ("base model: a robot", "a robot", False),
+    ("[V] robot on the beach", "a [V] robot on the beach", True),
+    ("[V] robot in the snow", "a [V] robot in the snow", True),
+    ("[V] robot at night", "a [V] robot under a starry night sky", True),
+    ("a red [V] robot", "a red [V] robot on a white background", True),
+    ("[V] robot wearing a hat", "a [V] robot wearing a hat on the grass", True),
+)
+
+
+def run_demo(args) -> None:
+    from ..backbones import load_backbone
+    from ..zoo.mini import demo_subject
+    from .adapter import load_adapter
+    from .data import load_reference_images
+    from .defaults import defaults_for
+    from .recipe import TrainConfig, train
+
+    out: Path = args.out
+    adapter_dir, grid_path = out / "adapter", out / "demo.png"
+    if (adapter_dir.exists() or grid_path.exists()) and not args.overwrite:
+        raise UserError(f"{out} already holds a demo; pass --overwrite or choose another --out")
+    if args.overwrite:
+        import shutil
+
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+    t0 = time.time()
+    base = load_backbone("mini")
+    references = load_reference_images(demo_subject.FOLDER, base.resolution)
+    cfg = TrainConfig(class_name=demo_subject.CLASS_NAME, seed=args.seed, **defaults_for(base.family))
+    print(f"1/2 personalizing mini on {len(references)} pictures of a robot it has never seen "
+          f"({cfg.stage1_steps} + {cfg.stage2_steps} steps)")
+    train(base, references, cfg, adapter_dir)
+    train_seconds = time.time() - t0
+
+    print("2/2 drawing the comparison grid")
+    sampling = SamplingConfig(seed=args.seed)
+    untouched = load_backbone("mini")
+    personalized = load_adapter(load_backbone("mini"), adapter_dir)
+    rows = [("references (never in pretraining)", references)]
+    for label, prompt, uses_adapter in PROMPTS:
+        model = personalized if uses_adapter else untouched
+        rows.append((label, generate_images(model, [prompt] * IMAGES_PER_ROW, sampling, progress=True)))
+    atomic_save_image(labeled_rows(rows), grid_path)
+    atomic_write_json(out / "demo.json", {
+        "subject": demo_subject.SUBJECT.key, "prompts": [p for _, p, _ in PROMPTS], "seed": args.seed,
+        "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t0, 1),
+    })
+    print(f"done in {time.time() - t0:.0f}s: grid {grid_path}, adapter {adapter_dir}, loss curve {adapter_dir / 'loss.png'}")

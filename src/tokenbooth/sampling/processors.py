@@ -1,0 +1,69 @@
+"""From raw logits to the distribution an image token is drawn from, in Lumina-mGPT's order:
+classifier-free guidance, then the structure rules, then image top-k, then temperature and top-p.
+
+Structure tokens (row ends, image end) sit at positions the layout fixes, so the sampler writes them
+without asking the model; at every other position only image tokens are allowed, which is the same as
+suppressing all other logits and lets us work on the image-token slice of the vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..errors import UserError
+
+
+@dataclass
+class SamplingConfig:
+    cfg_scale: float = 4.0  # the paper's guidance; 1.0 = no guidance, 0.0 = unconditional
+    image_top_k: int = 2000  # the paper's image top-k, clipped to the codebook size
+    top_p: float = 1.0  # 1.0 = off
+    temperature: float = 1.0  # < 1.0 = less random
+    seed: int = 0
+    kv_cache: bool = True  # reuse past keys/values instead of re-running the whole prefix each step
+    batched_cfg: bool = True  # conditional and unconditional rows in one forward pass
+
+    def validate(self) -> None:
+        if not self.cfg_scale >= 0:
+            raise UserError(f"--cfg must be >= 0 (got {self.cfg_scale})")
+        if self.image_top_k < 1:
+            raise UserError(f"--top-k must be >= 1 (got {self.image_top_k})")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"--top-p must be in (0, 1] (got {self.top_p})")
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be > 0 (got {self.temperature})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
+    if uncond is None or scale == 1.0:
+        return cond
+    return uncond + scale * (cond - uncond)
+
+
+def image_token_distribution(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None,
+                             image_token_ids: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """(B, V) logits -> (B, K) probabilities over the K image tokens (codebook order)."""
+    ids = image_token_ids.to(cond_logits.device)
+    logits = guide(cond_logits[:, ids], None if uncond_logits is None else uncond_logits[:, ids], cfg.cfg_scale)
+    k = min(cfg.image_top_k, logits.shape[-1])
+    if k < logits.shape[-1]:
+        kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        probs = _nucleus(probs, cfg.top_p)
+    return probs
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (the top token always stays)."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_p.cumsum(-1) - sorted_p
+    sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return kept / kept.sum(-1, keepdim=True)

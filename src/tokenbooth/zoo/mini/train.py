@@ -1,0 +1,414 @@
+"""Pretrain mini from scratch on toyworld, on a CPU: python -m tokenbooth.zoo.mini.train all
+
+Four steps, each resumable and each skipped when its output exists:
+  data         render the pretraining scenes (reserved subjects and held-out combinations never appear)
+  vqgan        train the tiny VQGAN (L1 + L2 reconstruction + codebook loss, dead codes restarted)
+  tokenizer    train the BPE text tokenizer on captions and lay out the Chameleon-style vocabulary
+  transformer  encode every scene to VQ tokens once, then train the Chameleon transformer
+  decoder      sharpen the VQGAN decoder (encoder and codebook frozen, so tokens stay valid)
+  export       write the model folder that `--model mini` loads
+Budget on 2 cores: about 20 min for the VQGAN and 75 min for the transformer (the steps below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...backbones.chameleon import (
+    IMAGE_END, IMAGE_START, PROMPT_TEMPLATE, ROW_END, TURN_END, ChameleonBackbone, ChameleonSpec, image_token_name,
+    size_token,
+)
+from ...io import atomic_path
+from ...toyworld import Scene, caption, pretraining_scene, render
+from ...vq import VQGAN, VQGANConfig, pil_to_tensor, save_vqgan
+
+RESOLUTION = 32
+NUM_SCENES = 60_000
+MODEL_DIR = Path(__file__).parent / "model"
+
+# The tiny VQGAN: same class as Chameleon's (ch 128, ch_mult 1,1,2,2,4, 8192 codes), 4x downsampling so
+# that 32 px images become 8 x 8 = 64 tokens.
+VQGAN_CONFIG = VQGANConfig(embed_dim=64, n_embed=512, z_channels=64, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                           resolution=RESOLUTION)
+# mini draws 32 px images; one size token counts 8 px (two latents), as Lumina-mGPT's counts 32 px.
+MINI_SPEC = ChameleonSpec(resolution=RESOLUTION, size_unit=8, family="mini")
+VQGAN_STEPS = 3000
+VQGAN_BATCH = 64
+VQGAN_LR = 4e-4
+DECODER_STEPS = 2000
+DECODER_LR = 2e-4
+
+TRANSFORMER_STEPS = 2400
+TRANSFORMER_BATCH = 48
+TRANSFORMER_LR = 1e-3
+WARMUP = 100
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+def build_data(work: Path) -> None:
+    if (work / "scenes.jsonl").exists():
+        return
+    log(f"rendering {NUM_SCENES} scenes")
+    scenes = [pretraining_scene(i) for i in range(NUM_SCENES)]
+    pixels = np.stack([np.asarray(render(s, RESOLUTION)) for s in scenes])
+    with atomic_path(work / "pixels.npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, pixels)
+    with atomic_path(work / "scenes.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in scenes))
+
+
+def load_pixels(work: Path) -> torch.Tensor:
+    arr = np.load(work / "pixels.npy")
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def load_scenes(work: Path) -> list[Scene]:
+    return [Scene.from_dict(json.loads(line)) for line in (work / "scenes.jsonl").read_text().splitlines()]
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, **state) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path):
+    return torch.load(path, weights_only=True) if path.exists() else None
+
+
+def zero_denormals(optimizer: torch.optim.Optimizer) -> None:
+    """Adam's moments for parameters that get no gradient (unused codes, unseen tokens) decay towards
+    denormal floats, which CPU kernels process many times slower: the whole run slowed 10x without this.
+    (torch.set_flush_denormal only covers the calling thread, not the worker threads.)"""
+    for state in optimizer.state.values():
+        for t in state.values():
+            if torch.is_tensor(t) and t.is_floating_point() and t.dim() > 0:
+                t.masked_fill_(t.abs() < 1e-30, 0.0)
+
+
+# --- VQGAN --------------------------------------------------------------------------------------------
+
+def restart_dead_codes(model: VQGAN, usage: torch.Tensor, latents: torch.Tensor) -> int:
+    """Codes nobody picked lately are moved onto random encoder outputs, so the whole codebook gets used."""
+    dead = (usage == 0).nonzero().flatten()
+    if len(dead) == 0:
+        return 0
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    picks = flat[torch.randint(len(flat), (len(dead),))]
+    model.quantize.embedding.weight.data[dead] = picks + 0.01 * torch.randn_like(picks)
+    return len(dead)
+
+
+def train_vqgan(work: Path) -> None:
+    out = work / "vqgan"
+    if (out / "vqgan.safetensors").exists():
+        return
+    torch.manual_seed(0)
+    pixels = load_pixels(work)
+    held_out = pixels[-1000:]  # never trained on: the PSNR in the README is measured on these
+    pixels = pixels[:-1000]
+    model = VQGAN(VQGAN_CONFIG)
+    opt = torch.optim.Adam(model.parameters(), lr=VQGAN_LR, betas=(0.5, 0.9))
+    ckpt_path = work / "vqgan.ckpt"
+    step = 0
+    if (ck := load_checkpoint(ckpt_path)) is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        torch.set_rng_state(ck["rng"])
+        log(f"vqgan: resumed at step {step}")
+    usage = torch.zeros(VQGAN_CONFIG.n_embed)
+    t0 = time.time()
+    while step < VQGAN_STEPS:
+        lr = VQGAN_LR * 0.5 * (1 + math.cos(math.pi * step / VQGAN_STEPS))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = pixels[torch.randint(len(pixels), (VQGAN_BATCH,))]
+        recon, q_loss, idx = model(batch)
+        rec_loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch)
+        loss = rec_loss + q_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        usage += torch.bincount(idx.flatten(), minlength=VQGAN_CONFIG.n_embed)
+        step += 1
+        if step % 50 == 0:
+            zero_denormals(opt)
+        if step % 100 == 0 and step < VQGAN_STEPS * 0.8:
+            with torch.no_grad():
+                n = restart_dead_codes(model, usage, model.encode_latent(batch))
+            usage.zero_()
+            log(f"vqgan step {step} loss {rec_loss.item():.4f} q {q_loss.item():.4f} restarted {n} "
+                f"({(time.time() - t0) / 100:.2f}s/step)")
+            t0 = time.time()
+        if step % 200 == 0 or step == VQGAN_STEPS:
+            save_checkpoint(ckpt_path, model=model.state_dict(), opt=opt.state_dict(), step=step,
+                            rng=torch.get_rng_state())
+    model.eval()
+    log(f"vqgan: held-out PSNR {vqgan_psnr(model, held_out):.2f} dB")
+    save_vqgan(model, out)
+
+
+def finetune_decoder(work: Path) -> None:
+    """More training for the decoder alone, with encoder and codebook frozen: pictures get sharper while
+    every image's tokens, and so the transformer trained on them, stay exactly valid."""
+    from ...vq import load_vqgan
+
+    done = work / "vqgan" / "decoder_finetuned"
+    if done.exists():
+        return
+    torch.manual_seed(1)
+    model = load_vqgan(work / "vqgan")
+    pixels = load_pixels(work)
+    held_out, pixels = pixels[-1000:], pixels[:-1000]
+    log(f"decoder: held-out PSNR before {vqgan_psnr(model, held_out):.2f} dB")
+    params = list(model.decoder.parameters()) + list(model.post_quant_conv.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=DECODER_LR, betas=(0.5, 0.9))
+    model.train()
+    for step in range(1, DECODER_STEPS + 1):
+        for g in opt.param_groups:
+            g["lr"] = DECODER_LR * 0.5 * (1 + math.cos(math.pi * step / DECODER_STEPS))
+        batch = pixels[torch.randint(len(pixels), (VQGAN_BATCH,))]
+        with torch.no_grad():
+            zq = model.quantize.lookup(model.encode(batch))
+        recon = model.decode_latent(zq)
+        loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            zero_denormals(opt)
+        if step % 200 == 0:
+            log(f"decoder step {step} loss {loss.item():.4f}")
+    model.eval()
+    log(f"decoder: held-out PSNR after {vqgan_psnr(model, held_out):.2f} dB")
+    save_vqgan(model, work / "vqgan")
+    done.write_text("1\n")
+
+
+@torch.no_grad()
+def vqgan_psnr(model: VQGAN, pixels: torch.Tensor) -> float:
+    """Mean PSNR (dB) of reconstructions, images in [-1, 1] measured on the 0..255 scale."""
+    psnrs = []
+    for chunk in pixels.split(250):
+        recon = model.decode(model.encode(chunk))
+        to255 = lambda t: ((t + 1) * 127.5).round()  # noqa: E731
+        mse = (to255(recon) - to255(chunk)).pow(2).flatten(1).mean(1)
+        psnrs.append(10 * torch.log10(255**2 / mse.clamp_min(1e-8)))
+    return torch.cat(psnrs).mean().item()
+
+
+# --- text tokenizer and vocabulary ---------------------------------------------------------------------
+
+NUM_PLACEHOLDER_TOKENS = 32  # <reserved00000>.. : free rows for personalization's [V], as in Chameleon
+BPE_MERGES = 600
+
+
+def vocabulary_specials(n_codes: int) -> list[str]:
+    """Special tokens in Chameleon's order: control tokens, then the image tokens, then the structure
+    tokens of Lumina-mGPT's image block, size tokens, and reserved rows."""
+    return (
+        ["<s>", "<pad>", "</s>", "<unk>"]
+        + [image_token_name(c) for c in range(n_codes)]
+        + [IMAGE_END, IMAGE_START, TURN_END, ROW_END]
+        + [size_token(n) for n in range(1, 17)]
+        + [f"<reserved{n:05d}>" for n in range(NUM_PLACEHOLDER_TOKENS)]
+    )
+
+
+def train_bpe_tokenizer(texts: list[str], n_codes: int, merges: int):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    specials = vocabulary_specials(n_codes)
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Lowercase()  # "A Red Robot" means the same as "a red robot"
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # any character has a token
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=len(specials) + 256 + merges, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def train_tokenizer(work: Path) -> None:
+    if (work / "tokenizer.json").exists():
+        return
+    rng = random.Random(0)
+    texts = [caption(s, rng) for s in load_scenes(work)[:20000]]
+    texts += [PROMPT_TEMPLATE.format(w=RESOLUTION, h=RESOLUTION, prompt="")] * 1000
+    tok = train_bpe_tokenizer(texts, VQGAN_CONFIG.n_embed, BPE_MERGES)
+    with atomic_path(work / "tokenizer.json") as tmp:
+        tok.save(str(tmp))
+    log(f"tokenizer: {tok.get_vocab_size()} tokens")
+
+
+# --- transformer ----------------------------------------------------------------------------------------
+
+def chameleon_config(vocabulary: dict, n_codes: int = VQGAN_CONFIG.n_embed, hidden: int = 256, layers: int = 6,
+                     heads: int = 8, context: int = 256):
+    """mini's transformer: Lumina-mGPT 7B's architecture (4096 wide, 32 layers, 32 heads) cut down."""
+    from transformers import ChameleonConfig
+
+    vocab_size = -(-len(vocabulary) // 64) * 64
+    return ChameleonConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=context,
+        bos_token_id=vocabulary["<s>"], pad_token_id=vocabulary["<pad>"], eos_token_id=vocabulary[TURN_END],
+        vocabulary_map=vocabulary,
+        # transformers builds Chameleon's encoder-only VQVAE inside the model; tokenbooth's VQGAN is the
+        # image tokenizer, so that slot is kept as small as the class allows.
+        vq_config=dict(embed_dim=4, num_embeddings=n_codes, latent_channels=32, base_channels=32,
+                       channel_multiplier=[1], num_res_blocks=0, resolution=RESOLUTION),
+    )
+
+
+def new_backbone(work: Path):
+    from tokenizers import Tokenizer
+    from transformers import ChameleonForConditionalGeneration
+
+    from ...vq import load_vqgan
+
+    tokenizer = Tokenizer.from_file(str(work / "tokenizer.json"))
+    torch.manual_seed(0)
+    model = ChameleonForConditionalGeneration(chameleon_config(tokenizer.get_vocab()))
+    return ChameleonBackbone("mini", model, tokenizer, load_vqgan(work / "vqgan"), MINI_SPEC)
+
+
+@torch.no_grad()
+def encode_dataset(work: Path, backbone) -> torch.Tensor:
+    path = work / "codes.npy"
+    if not path.exists():
+        log("encoding every scene to VQ tokens once")
+        pixels = load_pixels(work)
+        codes = torch.cat([backbone.encode_images(chunk) for chunk in pixels.split(500)])
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, codes.numpy().astype(np.int16))
+    return torch.from_numpy(np.load(path).astype(np.int64))
+
+
+def training_batch(backbone, scenes, codes, indices, step: int):
+    """Sequences of prompt + image block; loss only on the image block. One in ten has no text at all,
+    which teaches the unconditional branch that classifier-free guidance needs."""
+    seqs, labels = [], []
+    for i in indices:
+        rng = random.Random(f"{step}:{i}")  # captions vary across epochs yet resume exactly
+        body = backbone.layout.body_from_codes(codes[i : i + 1])[0].tolist() + backbone.answer_end_ids()
+        prefix = backbone.unconditional_ids() if rng.random() < 0.1 else backbone.prompt_ids(caption(scenes[i], rng))
+        seqs.append(prefix + body)
+        labels.append([-100] * len(prefix) + body)
+    return pad_batch(seqs, labels, backbone.model.config.pad_token_id)
+
+
+def pad_batch(seqs, labels, pad_id):
+    """Right padding: with a causal mask, padding after the last real token is never attended to."""
+    n = max(map(len, seqs))
+    ids = torch.tensor([s + [pad_id] * (n - len(s)) for s in seqs])
+    lab = torch.tensor([l + [-100] * (n - len(l)) for l in labels])
+    return ids, lab
+
+
+def sequence_loss(backbone, ids, labels):
+    logits, _ = backbone.logits(ids)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+def train_transformer(work: Path) -> None:
+    out = work / "transformer"
+    if (out / "model.safetensors").exists():
+        return
+    backbone = new_backbone(work)
+    model = backbone.model
+    scenes, codes = load_scenes(work), encode_dataset(work, backbone)
+    train_idx = torch.arange(len(scenes) - 1000)  # the last 1000 are the VQGAN's held-out set
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "vqmodel" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 and "vqmodel" not in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=TRANSFORMER_LR, betas=(0.9, 0.95))
+    ckpt_path, step = work / "transformer.ckpt", 0
+    if (ck := load_checkpoint(ckpt_path)) is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        log(f"transformer: resumed at step {step}")
+    model.train()
+    t0, running = time.time(), 0.0
+    while step < TRANSFORMER_STEPS:
+        lr = TRANSFORMER_LR * min(1.0, (step + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * step / TRANSFORMER_STEPS))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        gen = torch.Generator().manual_seed(step)
+        batch_idx = train_idx[torch.randint(len(train_idx), (TRANSFORMER_BATCH,), generator=gen)].tolist()
+        ids, labels = training_batch(backbone, scenes, codes, batch_idx, step)
+        loss = sequence_loss(backbone, ids, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            zero_denormals(opt)
+        running += loss.item()
+        if step % 25 == 0:
+            log(f"transformer step {step} loss {running / 25:.4f} lr {lr:.2e} ({(time.time() - t0) / 25:.2f}s/step)")
+            t0, running = time.time(), 0.0
+        if step % 100 == 0 or step == TRANSFORMER_STEPS:
+            save_checkpoint(ckpt_path, model=model.state_dict(), opt=opt.state_dict(), step=step)
+    model.eval()
+    model.save_pretrained(out)
+
+
+def export(work: Path) -> None:
+    """Assemble the model folder that ships in the package."""
+    from transformers import ChameleonForConditionalGeneration
+
+    from ...backbones.chameleon import save_chameleon
+
+    backbone = new_backbone(work)
+    backbone.model = ChameleonForConditionalGeneration.from_pretrained(work / "transformer")
+    save_chameleon(backbone, MODEL_DIR)
+    log(f"exported mini to {MODEL_DIR}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("step", choices=["data", "vqgan", "tokenizer", "transformer", "decoder", "export", "all"])
+    ap.add_argument("--work", type=Path, default=Path("runs/mini"), help="scratch folder for data and checkpoints")
+    args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    # Denormal floats make CPU kernels many times slower once weights and gradients get small.
+    torch.set_flush_denormal(True)
+    steps = {
+        "data": build_data, "vqgan": train_vqgan, "tokenizer": train_tokenizer,
+        "transformer": train_transformer, "decoder": finetune_decoder, "export": export,
+    }
+    # Each step needs the ones before it; finished steps return at once, so asking for a later step
+    # simply continues the pipeline.
+    for name, fn in steps.items():
+        fn(args.work)
+        if name == args.step:
+            break
+
+
+if __name__ == "__main__":
+    main()

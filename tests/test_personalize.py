@@ -1,0 +1,259 @@
+"""The two-stage recipe on the tiny model: what each stage may change, adapters, resume, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tokenbooth.backbones import load_backbone
+from tokenbooth.cli import main
+from tokenbooth.errors import UserError
+from tokenbooth.personalize import TrainConfig, load_adapter, load_reference_images, train
+from tokenbooth.sampling import SamplingConfig, sample_image_tokens
+from tokenbooth.toyworld import Scene, render, reserved_instances
+
+
+def subject_images(folder, size=16, n=4):
+    folder.mkdir(parents=True, exist_ok=True)
+    inst = reserved_instances()[0]
+    for i, bg in enumerate(["white", "grass", "beach", "wood"][:n]):
+        render(Scene(inst, bg, "center", "large", None, i), size).save(folder / f"ref{i}.png")
+    return folder
+
+
+def quick(**kw) -> TrainConfig:
+    base = dict(class_name="robot", stage1_steps=3, stage2_steps=2, stage1_lr=1e-2, stage2_lr=1e-3, batch_size=2,
+                checkpointing_steps=100)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def fresh(tiny_model_dir):
+    """A freshly loaded tiny backbone: training changes the model in memory."""
+    return load_backbone(str(tiny_model_dir))
+
+
+@pytest.fixture
+def refs(tmp_path):
+    return load_reference_images(subject_images(tmp_path / "refs"), 16)
+
+
+def params_of(backbone):
+    return {k: v.detach().clone() for k, v in backbone.model.named_parameters()}
+
+
+def changed(before, backbone):
+    after = dict(backbone.model.named_parameters())
+    return {k for k in before if k in after and not torch.equal(before[k], after[k].detach())}
+
+
+def test_stage1_changes_only_the_placeholder_row(fresh, refs, tmp_path):
+    before = params_of(fresh)
+    out = train(fresh, refs, quick(stages="embedding"), tmp_path / "a", progress=False)
+    assert changed(before, fresh) == set()  # the embedding table itself is bit-identical
+    learned = load_file(str(out / "learned_embeds.safetensors"))["[V]"]
+    assert learned.dtype == torch.float32 and learned.shape == (fresh.model.config.hidden_size,)
+    assert not (out / "layers.safetensors").exists()
+
+
+def test_stage2_changes_only_the_chosen_layers(fresh, refs, tmp_path):
+    before = params_of(fresh)
+    out = train(fresh, refs, quick(), tmp_path / "a", progress=False)
+    moved = changed(before, fresh)
+    assert moved and all(k.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj") for k in moved)
+    saved = load_file(str(out / "layers.safetensors"))
+    assert set(saved) == {k for k in before if k.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj")}
+
+
+def test_named_targets_and_lora_every_other_layer(fresh, refs, tmp_path):
+    before = params_of(fresh)
+    train(fresh, refs, quick(layers=r"layers\.1\.mlp\.down_proj"), tmp_path / "named", progress=False)
+    assert changed(before, fresh) == {"model.layers.1.mlp.down_proj.weight"}
+
+
+def test_lora_trains_adapters_and_leaves_base_weights(fresh, refs, tmp_path):
+    before = params_of(fresh)
+    out = train(fresh, refs, quick(layers="lora", lora_rank=2, lora_every=2), tmp_path / "lora", progress=False)
+    assert changed(before, fresh) == set()
+    lora = load_file(str(out / "lora" / "adapter_model.safetensors"))
+    assert lora and all(".layers.0." in k for k in lora)  # every 2nd of 2 layers: layer 0 only
+    assert (out / "lora" / "adapter_config.json").exists()
+
+
+def test_the_base_model_on_disk_is_untouched(tiny_model_dir, refs, tmp_path):
+    digest = lambda: hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731
+    before = digest()
+    train(load_backbone(str(tiny_model_dir)), refs, quick(), tmp_path / "a", progress=False)
+    assert digest() == before
+
+
+@pytest.mark.parametrize("layers", ["qkv", "lora"])
+def test_a_saved_adapter_gives_the_same_images_as_the_trained_model(tiny_model_dir, refs, tmp_path, layers):
+    trained = load_backbone(str(tiny_model_dir))
+    out = train(trained, refs, quick(layers=layers), tmp_path / "a", progress=False)
+    reloaded = load_adapter(load_backbone(str(tiny_model_dir)), out)
+    # the trained backbone in memory, with [V] written in, against base + adapter from disk
+    from tokenbooth.personalize.adapter import PersonalizedBackbone
+
+    with torch.no_grad():
+        trained.input_embeddings().weight[reloaded.tokenizer.token_to_id(reloaded.placeholder_token)] = \
+            load_file(str(out / "learned_embeds.safetensors"))["[V]"]
+    in_memory = PersonalizedBackbone(trained, "[V]", reloaded.placeholder_token)
+    cfg = SamplingConfig(seed=11, image_top_k=1)
+    a = sample_image_tokens(in_memory, ["a [V] robot on the beach"], cfg)
+    b = sample_image_tokens(reloaded, ["a [V] robot on the beach"], cfg)
+    assert torch.equal(a, b)
+
+
+def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_model_dir, refs, tmp_path):
+    cfg = quick(checkpointing_steps=2)
+    whole = train(load_backbone(str(tiny_model_dir)), refs, cfg, tmp_path / "whole", progress=False)
+    part = train(load_backbone(str(tiny_model_dir)), refs, cfg, tmp_path / "part", progress=False, stop_after=4)
+    assert not (part / "adapter_config.json").exists()
+    train(load_backbone(str(tiny_model_dir)), refs, cfg, part, progress=False, resume=True)
+    for name in ("learned_embeds.safetensors", "layers.safetensors"):
+        a, b = load_file(str(whole / name)), load_file(str(part / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_joint_trains_both_from_the_first_step(fresh, refs, tmp_path):
+    before = params_of(fresh)
+    out = train(fresh, refs, quick(stages="joint", stage1_steps=1, stage2_steps=1), tmp_path / "j", progress=False)
+    assert changed(before, fresh) and (out / "layers.safetensors").exists()
+
+
+def test_an_adapter_for_another_base_is_refused(tiny_model_dir, refs, tmp_path):
+    out = train(load_backbone(str(tiny_model_dir)), refs, quick(stages="embedding"), tmp_path / "a", progress=False)
+    other = tmp_path / "other-model"
+    from conftest import build_tiny_model_folder
+
+    build_tiny_model_folder(other, seed=1)
+    with pytest.raises(UserError, match="another base model"):
+        load_adapter(load_backbone(str(other)), out)
+
+
+def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(fresh, refs, tmp_path):
+    with pytest.raises(UserError, match="loss became nan"):
+        train(fresh, refs, quick(stage1_lr=float("inf"), checkpointing_steps=1), tmp_path / "nan", progress=False)
+    assert not (tmp_path / "nan" / "adapter_config.json").exists()
+
+
+def test_a_full_disk_during_save_leaves_no_adapter_behind(fresh, refs, tmp_path, monkeypatch):
+    import tokenbooth.personalize.adapter as adapter
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(adapter, "_jsonable", full_disk)  # fails in the middle of writing the adapter
+    with pytest.raises(OSError):
+        train(fresh, refs, quick(layers="lora"), tmp_path / "full", progress=False)
+    assert not (tmp_path / "full" / "adapter_config.json").exists()
+    assert not list((tmp_path / "full").rglob("*.tmp"))
+
+
+# --- reference images ---------------------------------------------------------------------------------
+
+def test_images_any_format_exif_transparency_and_size(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGBA", (40, 20), (255, 0, 0, 0)).save(folder / "clear.png")  # transparent: composited on white
+    rotated = Image.new("RGB", (30, 60), (0, 0, 255))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    rotated.save(folder / "phone.jpg", exif=exif)
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(folder / "tiny.webp")
+    (folder / "broken.jpg").write_bytes(b"not an image at all")
+    Image.new("RGB", (4000, 3000), (10, 20, 30)).save(folder / "huge.jpg", quality=50)
+    images = load_reference_images(folder, 16)
+    err = capsys.readouterr().err
+    assert len(images) == 4 and all(im.size == (16, 16) and im.mode == "RGB" for im in images)
+    assert "skipping broken.jpg" in err and "tiny.webp" in err and "upscaling" in err
+    clear = images[[p.name for p in sorted(folder.iterdir()) if p.name != "broken.jpg"].index("clear.png")]
+    assert clear.getpixel((8, 8)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda d: None, "image folder not found"),
+    (lambda d: d.mkdir(), "no images in"),
+    (lambda d: (d.mkdir(), (d / "a.png").write_bytes(b"junk")), "no readable image"),
+])
+def test_unusable_image_folders(tmp_path, setup, message):
+    folder = tmp_path / "subject"
+    setup(folder)
+    with pytest.raises(UserError, match=message):
+        load_reference_images(folder, 16)
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+def cli(capsys, *argv):
+    code = main(list(argv))
+    return code, capsys.readouterr()
+
+
+def test_train_then_generate_with_the_adapter(tiny_model_dir, tmp_path, capsys):
+    refs_dir = subject_images(tmp_path / "refs")
+    out = tmp_path / "adapter"
+    code, io = cli(capsys, "train", "--model", str(tiny_model_dir), "--images", str(refs_dir), "--class-name", "robot",
+                   "--output", str(out), "--stage1-steps", "2", "--stage2-steps", "1", "--batch-size", "2",
+                   "--validation-prompt", "a [V] robot in the snow", "--validation-steps", "2")
+    assert code == 0, io.err
+    for name in ("adapter_config.json", "learned_embeds.safetensors", "layers.safetensors", "log.jsonl", "loss.png",
+                 "validation/step-2.png", "validation/final.png"):
+        assert (out / name).exists(), name
+    code, io = cli(capsys, "generate", "a [V] robot on the beach", "--model", str(tiny_model_dir), "--adapter", str(out),
+                   "-n", "1", "--out", str(tmp_path / "gen"))
+    assert code == 0 and (tmp_path / "gen" / "grid.png").exists()
+    code, io = cli(capsys, "generate", "a robot", "--model", str(tiny_model_dir), "--adapter", str(out), "-n", "1",
+                   "--out", str(tmp_path / "gen2"))
+    assert code == 0 and "does not mention [V]" in io.err
+    code, io = cli(capsys, "train", "--model", str(tiny_model_dir), "--images", str(refs_dir), "--class-name", "robot",
+                   "--output", str(out))
+    assert code != 0 and "already holds an adapter" in io.err
+
+
+def test_cli_resume_latest(tiny_model_dir, tmp_path, capsys):
+    refs_dir = subject_images(tmp_path / "refs")
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_model_dir), "--images", str(refs_dir), "--class-name", "robot",
+            "--output", str(out), "--stage1-steps", "2", "--stage2-steps", "2", "--batch-size", "2",
+            "--checkpointing-steps", "2"]
+    code, _ = cli(capsys, *args)
+    assert code == 0
+    shutil.rmtree(out / "checkpoints" / "step-4")
+    (out / "adapter_config.json").unlink()
+    code, io = cli(capsys, *args, "--resume")
+    assert code == 0, io.err
+    assert (out / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--class-name", "robot", "--no-class-name"], "contradict"),
+    ([], "--class-name is required"),
+    (["--class-name", "robot", "--placeholder", "a"], "also occurs"),
+    (["--class-name", "robot", "--stage1-steps", "0"], "--stage1-steps"),
+    (["--class-name", "robot", "--layers", "no_such_module"], "matches no parameter"),
+])
+def test_train_bad_settings(tiny_model_dir, tmp_path, capsys, extra, message):
+    refs_dir = subject_images(tmp_path / "refs", n=1)
+    code, io = cli(capsys, "train", "--model", str(tiny_model_dir), "--images", str(refs_dir), "--output",
+                   str(tmp_path / "o"), *extra)
+    assert code != 0 and message in io.err and len(io.err.strip().splitlines()) == 1
+
+
+def test_an_adapter_from_another_model_is_refused_by_generate(tiny_model_dir, tmp_path, capsys):
+    refs_dir = subject_images(tmp_path / "refs", n=1)
+    out = tmp_path / "a"
+    assert cli(capsys, "train", "--model", str(tiny_model_dir), "--images", str(refs_dir), "--class-name", "robot",
+               "--output", str(out), "--stages", "embedding", "--stage1-steps", "1", "--batch-size", "1")[0] == 0
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    cfg = (other / "config.json").read_text().replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 2e-05')
+    (other / "config.json").write_text(cfg)
+    code, io = cli(capsys, "generate", "a [V] robot", "--model", str(other), "--adapter", str(out), "--out", str(tmp_path / "g"))
+    assert code != 0 and "another base model" in io.err

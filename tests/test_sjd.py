@@ -1,0 +1,279 @@
+"""Speculative Jacobi decoding: the same images as plain sampling, in fewer forward passes."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from tokenbooth.cli import main
+from tokenbooth.errors import UserError
+from tokenbooth.sampling import SamplingConfig, SamplingStats, image_token_distribution
+from tokenbooth.sampling.sampler import sample_image_body
+from tokenbooth.sampling.sjd import SJDStats, sample_image_body_sjd
+
+
+# --- a micro backbone whose whole image distribution can be written down ---------------------------------
+#
+# 4 codes, a 2 x 2 grid: the body is [i i row-end i i row-end image-end], so an image is one of 4^4 = 256
+# code tuples and the exact law plain sampling follows is a product of 1 + 4 + 16 + 64 processed
+# distributions. Random weights give near-uniform logits; scaling the embeddings and the LM head makes every
+# next-token law peaked and dependent on the tokens before it, so a sampler that gets the conditionals
+# wrong shows.
+
+def build_micro_backbone(seed: int = 0):
+    from transformers import ChameleonForConditionalGeneration
+
+    from tokenbooth.backbones.chameleon import ChameleonBackbone, ChameleonSpec
+    from tokenbooth.toyworld import caption, pretraining_scene
+    from tokenbooth.vq import VQGAN, VQGANConfig
+    from tokenbooth.zoo.mini.train import chameleon_config, train_bpe_tokenizer
+
+    class MicroBackbone(ChameleonBackbone):
+        def prompt_text(self, prompt: str) -> str:
+            return prompt  # without Lumina-mGPT's 50-token template: 10^4 samples in a second or two
+
+    torch.manual_seed(seed)
+    vq_cfg = VQGANConfig(embed_dim=4, n_embed=4, z_channels=32, ch=32, ch_mult=(1, 2), num_res_blocks=0, resolution=4)
+    rng = random.Random(seed)
+    tokenizer = train_bpe_tokenizer([caption(pretraining_scene(i), rng) for i in range(50)], vq_cfg.n_embed, 40)
+    config = chameleon_config(tokenizer.get_vocab(), n_codes=vq_cfg.n_embed, hidden=32, layers=1, heads=2, context=128)
+    model = ChameleonForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20.0)
+        model.lm_head.weight.mul_(15.0)
+    return MicroBackbone("micro", model, tokenizer, VQGAN(vq_cfg).eval(), ChameleonSpec(resolution=4, size_unit=2))
+
+
+@pytest.fixture(scope="module")
+def micro():
+    return build_micro_backbone()
+
+
+@torch.no_grad()
+def exact_image_law(backbone, prompt: str, cfg: SamplingConfig) -> torch.Tensor:
+    """P(codes) for every code tuple of the image, row-major, as plain AR sampling defines it: (K^cells,)."""
+    layout = backbone.layout
+    K = len(layout.image_token_ids)
+    image_positions = [j for j in range(layout.body_length) if layout.forced_token(j) is None]
+    cond, uncond = backbone.prompt_ids(prompt), backbone.unconditional_ids()
+    law, tuples = torch.ones(1, dtype=torch.float64), [[]]
+    for j in image_positions:
+        bodies = []
+        for codes in tuples:
+            it = iter(codes)
+            bodies.append([layout.forced_token(i) if layout.forced_token(i) is not None
+                           else int(layout.image_token_ids[next(it)]) for i in range(j)])
+        cond_logits = backbone.logits(torch.tensor([cond + b for b in bodies]))[0][:, -1]
+        uncond_logits = backbone.logits(torch.tensor([uncond + b for b in bodies]))[0][:, -1]
+        p = image_token_distribution(cond_logits, uncond_logits, layout.image_token_ids, cfg).double()
+        law = (law[:, None] * p).reshape(-1)
+        tuples = [t + [c] for t in tuples for c in range(K)]
+    return law
+
+
+def chi_square_p_value(counts: torch.Tensor, law: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Goodness of fit of counts to law; cells expected below `min_expected` are pooled (and the pool joins
+    the smallest other cell if it is still that small). An impossible outcome observed gives 0."""
+    counts, law = counts.double(), law.double()
+    if counts[law == 0].sum() > 0:
+        return 0.0
+    expected = law * counts.sum()
+    small = expected < min_expected
+    obs, exp = list(counts[~small]), list(expected[~small])
+    pool_obs, pool_exp = counts[small].sum(), expected[small].sum()
+    if pool_exp > 0:
+        if pool_exp < min_expected:
+            i = min(range(len(exp)), key=lambda k: exp[k])
+            obs[i], exp[i] = obs[i] + pool_obs, exp[i] + pool_exp
+        else:
+            obs.append(pool_obs)
+            exp.append(pool_exp)
+    if len(obs) < 2:
+        return 1.0  # one possible outcome, and only it was seen
+    obs, exp = torch.stack(obs), torch.stack(exp)
+    stat = ((obs - exp) ** 2 / exp).sum()
+    return float(torch.special.gammaincc(torch.tensor((len(obs) - 1) / 2, dtype=torch.float64), stat / 2))
+
+
+def draw_codes(backbone, sampler, cfg: SamplingConfig, images: int, chunk: int = 4000, **kw) -> torch.Tensor:
+    """`images` draws of one prompt, in batches of `chunk` with their own seeds: (images, cells) codes."""
+    out = []
+    for i in range(images // chunk):
+        cfg_i = SamplingConfig(**{**cfg.to_dict(), "seed": cfg.seed * 1000 + i})
+        body = sampler(backbone, [PROMPT] * chunk, cfg_i, **kw)
+        out.append(backbone.layout.codes_from_body(body).flatten(1))
+    return torch.cat(out)
+
+
+def fit_p_values(codes: torch.Tensor, law: torch.Tensor, K: int) -> dict[str, float]:
+    """p-values of the joint law of all cells and of each cell's marginal."""
+    cells = codes.shape[1]
+    index = (codes * K ** torch.arange(cells - 1, -1, -1)).sum(1)
+    joint = torch.bincount(index, minlength=K**cells)
+    out = {"joint": chi_square_p_value(joint, law)}
+    grid = law.reshape([K] * cells)
+    for c in range(cells):
+        marginal = grid.sum(dim=[d for d in range(cells) if d != c])
+        out[f"cell {c}"] = chi_square_p_value(torch.bincount(codes[:, c], minlength=K), marginal)
+    return out
+
+
+def total_variation(codes: torch.Tensor, law: torch.Tensor, K: int) -> float:
+    index = (codes * K ** torch.arange(codes.shape[1] - 1, -1, -1)).sum(1)
+    empirical = torch.bincount(index, minlength=K ** codes.shape[1]).double() / len(codes)
+    return float((empirical - law).abs().sum() / 2)
+
+
+PROMPT = "a red robot"
+IMAGES = 12_000
+# Each sampler below is checked 5 times (the joint law of the 4 cells and each cell's marginal), 25 checks in
+# all; each must have p > ALPHA, so a correct sampler fails the file with probability below 25 * ALPHA = 0.25%.
+ALPHA = 1e-4
+GUIDED = SamplingConfig(cfg_scale=3.0, image_top_k=3)  # top-k 3 of 4: zero-probability drafts get rejected
+NUCLEUS = SamplingConfig(cfg_scale=1.0, top_p=0.9, temperature=1.2)
+
+
+@pytest.mark.parametrize("sampler,cfg,kw", [
+    ("plain", GUIDED, {}),  # the check itself: plain sampling must pass it
+    ("sjd", GUIDED, dict(window=2, init="random")),
+    ("sjd", GUIDED, dict(window=3, init="above")),
+    ("sjd", NUCLEUS, dict(window=7, init="random")),
+    ("sjd", SamplingConfig(cfg_scale=2.0, batched_cfg=False, kv_cache=False), dict(window=5, init="above")),
+], ids=["plain", "sjd-random-L2", "sjd-above-L3", "sjd-nucleus-L7", "sjd-unbatched-nocache-L5"])
+def test_sjd_samples_follow_the_plain_sampling_law(micro, sampler, cfg, kw):
+    law = exact_image_law(micro, PROMPT, cfg)
+    fn = sample_image_body if sampler == "plain" else sample_image_body_sjd
+    codes = draw_codes(micro, fn, SamplingConfig(**{**cfg.to_dict(), "seed": 1}), IMAGES, **kw)
+    p_values = fit_p_values(codes, law, K=4)
+    tv = total_variation(codes, law, K=4)
+    assert min(p_values.values()) > ALPHA, f"{p_values}, total variation {tv:.3f}"
+
+
+def always_accept(p_x, q_x, u):
+    return torch.ones_like(u, dtype=torch.bool)
+
+
+def accept_if_more_likely(p_x, q_x, u):
+    return p_x >= q_x  # a plausible-looking deterministic rule; not speculative sampling
+
+
+def accept_with_p_whatever_q(p_x, q_x, u):
+    return u < p_x  # right for a one-hot q only: wrong for uniform random drafts and for redrawn ones
+
+
+@pytest.mark.parametrize("rule", [always_accept, accept_if_more_likely, accept_with_p_whatever_q])
+def test_the_check_fails_a_broken_acceptance_rule(micro, rule):
+    law = exact_image_law(micro, PROMPT, GUIDED)
+    codes = draw_codes(micro, sample_image_body_sjd, SamplingConfig(**{**GUIDED.to_dict(), "seed": 2}), IMAGES,
+                       window=3, init="random", _accept=rule)
+    p_values = fit_p_values(codes, law, K=4)
+    assert p_values["joint"] < 1e-9, p_values
+
+
+# --- behaviour on the tiny model of the other tests -------------------------------------------------------
+
+@pytest.mark.parametrize("init", ["random", "above"])
+def test_same_seed_same_image_and_other_seed_other_image(tiny_backbone, init):
+    def draw(seed):
+        return sample_image_body_sjd(tiny_backbone, ["a red robot"] * 2, SamplingConfig(seed=seed), window=8, init=init)
+
+    a, b, c = draw(3), draw(3), draw(4)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("init", ["random", "above"])
+def test_structure_tokens_sit_at_their_places(tiny_backbone, init):
+    layout = tiny_backbone.layout
+    body = sample_image_body_sjd(tiny_backbone, ["a red robot", "a cup"], SamplingConfig(seed=1), window=16, init=init)
+    image_ids = set(layout.image_token_ids.tolist())
+    for j in range(layout.body_length):
+        forced = layout.forced_token(j)
+        column = body[:, j].tolist()
+        assert all(t == forced for t in column) if forced is not None else all(t in image_ids for t in column)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 73])
+@pytest.mark.parametrize("init", ["random", "above"])
+def test_greedy_sjd_is_greedy_plain_sampling_even_with_padded_rows(tiny_backbone, window, init):
+    cfg = SamplingConfig(seed=0, image_top_k=1)  # p is one-hot: any wrong conditional or stale cache shows
+    prompts = ["a red robot on the beach, on the left", "a cup"]
+    assert tiny_backbone.layout.body_length == 73
+    assert torch.equal(sample_image_body_sjd(tiny_backbone, prompts, cfg, window=window, init=init),
+                       sample_image_body(tiny_backbone, prompts, cfg))
+
+
+@pytest.mark.parametrize("kv_cache,batched_cfg", [(False, True), (True, False)])
+def test_speedups_do_not_change_the_sjd_image(tiny_backbone, kv_cache, batched_cfg):
+    prompts = ["a red robot on the beach, on the left", "a cup"]
+    fast = sample_image_body_sjd(tiny_backbone, prompts, SamplingConfig(seed=5), window=6)
+    slow = sample_image_body_sjd(tiny_backbone, prompts, SamplingConfig(seed=5, kv_cache=kv_cache,
+                                                                        batched_cfg=batched_cfg), window=6)
+    assert torch.equal(fast, slow)
+
+
+def test_every_pass_fixes_at_least_one_token_per_image(tiny_backbone):
+    layout = tiny_backbone.layout
+    stats = SJDStats()
+    sample_image_body_sjd(tiny_backbone, ["a red robot", "a cup"], SamplingConfig(seed=2), window=16, stats=stats)
+    image_tokens = layout.rows * layout.cols
+    assert sum(k * v for k, v in stats.tokens_per_pass.items()) == 2 * image_tokens
+    assert min(stats.tokens_per_pass) >= 1 and max(stats.tokens_per_pass) <= 16 + 1
+    assert stats.forward_passes == max(stats.passes_per_image) <= image_tokens  # one batched pass per step
+    assert stats.tokens == 2 * layout.body_length
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(window=0), "--sjd-window"),
+    (dict(window=74), "--sjd-window"),
+    (dict(init="left"), "--sjd-init"),
+])
+def test_bad_sjd_settings_are_refused(tiny_backbone, kw, message):
+    with pytest.raises(UserError, match=message) as e:
+        sample_image_body_sjd(tiny_backbone, ["a cup"], SamplingConfig(), **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_sampling_settings_are_refused_by_sjd_too(tiny_backbone):
+    with pytest.raises(UserError, match="--top-p"):
+        sample_image_body_sjd(tiny_backbone, ["a cup"], SamplingConfig(top_p=0.0), stats=SamplingStats())
+
+
+# --- the command line -----------------------------------------------------------------------------------
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_generate_with_the_sjd_sampler(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, _ = run(capsys, "generate", "a red robot", "--model", str(tiny_model_dir), "-n", "2", "--out", str(out),
+                     "--sampler", "sjd", "--sjd-window", "8", "--sjd-init", "above")
+    assert code == 0 and (out / "image-001.png").exists() and (out / "grid.png").exists()
+    meta = json.loads((out / "generate.json").read_text())
+    assert meta["sampler"] == "sjd" and meta["sjd_window"] == 8 and meta["sjd_init"] == "above"
+    assert 0 < meta["forward_passes"] < 64  # plain sampling takes 64 passes for an 8 x 8 image
+
+
+def test_the_plain_sampler_stays_the_default(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(capsys, "generate", "a cup", "--model", str(tiny_model_dir), "-n", "1", "--out", str(out))[0] == 0
+    meta = json.loads((out / "generate.json").read_text())
+    assert meta["sampler"] == "plain" and "sjd_window" not in meta and meta["forward_passes"] == 64
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--sampler", "sjd", "--sjd-window", "0"], "--sjd-window"),
+    (["--sampler", "sjd", "--sjd-window", "1000"], "--sjd-window"),
+    (["--sjd-window", "8"], "--sampler sjd"),
+    (["--sjd-init", "above"], "--sampler sjd"),
+])
+def test_bad_sjd_flags_get_one_line_and_a_non_zero_exit(tiny_model_dir, tmp_path, capsys, extra, message):
+    out = str(tmp_path / "o")
+    code, _, err = run(capsys, "generate", "a cup", "--model", str(tiny_model_dir), "--out", out, *extra)
+    assert code != 0 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "grid.png").exists()
