@@ -41,3 +41,12 @@ def tiny_backbone(tiny_model_dir):
     from tokenbooth.backbones import load_backbone
 
     return load_backbone(str(tiny_model_dir))
+
+
+def run_cli(capsys, *argv):
+    """Runs `tokenbooth ARGV` in-process: (exit code, stdout, stderr)."""
+    from tokenbooth.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -6,14 +6,8 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_cli as run
 
-from tokenbooth.cli import main
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_generate_writes_images_grid_and_a_sidecar_with_every_setting(tiny_model_dir, tmp_path, capsys):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import shutil
 
+from types import SimpleNamespace
+
 import pytest
+from conftest import run_cli
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from tokenbooth.backbones import load_backbone
-from tokenbooth.cli import main
 from tokenbooth.errors import UserError
 from tokenbooth.personalize import TrainConfig, load_adapter, load_reference_images, train
 from tokenbooth.sampling import SamplingConfig, sample_image_tokens
@@ -192,8 +194,8 @@ def test_unusable_image_folders(tmp_path, setup, message):
 # --- the command ------------------------------------------------------------------------------------
 
 def cli(capsys, *argv):
-    code = main(list(argv))
-    return code, capsys.readouterr()
+    code, out, err = run_cli(capsys, *argv)
+    return code, SimpleNamespace(out=out, err=err)
 
 
 def test_train_then_generate_with_the_adapter(tiny_model_dir, tmp_path, capsys):

@@ -4,9 +4,9 @@ import json
 import random
 
 import pytest
+from conftest import run_cli as run
 import torch
 
-from tokenbooth.cli import main
 from tokenbooth.errors import UserError
 from tokenbooth.sampling import SamplingConfig, SamplingStats, image_token_distribution
 from tokenbooth.sampling.sampler import sample_image_body
@@ -242,12 +242,6 @@ def test_bad_sampling_settings_are_refused_by_sjd_too(tiny_backbone):
 
 
 # --- the command line -----------------------------------------------------------------------------------
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
 
 def test_generate_with_the_sjd_sampler(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"

@@ -62,6 +62,22 @@ def check_prompt_fits(backbone, prefix: list[int]) -> None:
                         f"context holds {backbone.max_length} (shorten the prompt by about {-room} tokens)")
 
 
+def guidance_batches(backbone, prompts: list[str], cfg: SamplingConfig, make) -> list:
+    """The rows classifier-free guidance needs: the prompts' prefixes, then (when guided) as many
+    unconditional ones, in one batch or in two. `make(prefixes, copies)` builds a batch; copies is how
+    many rows each image has in it."""
+    cfg.validate()
+    cond = [backbone.prompt_ids(p) for p in prompts]
+    for prefix in cond:
+        check_prompt_fits(backbone, prefix)
+    if cfg.cfg_scale == 1.0:
+        return [make(cond, 1)]
+    uncond = [backbone.unconditional_ids()] * len(prompts)
+    if cfg.batched_cfg:
+        return [make(cond + uncond, 2)]
+    return [make(cond, 1), make(uncond, 1)]
+
+
 def sample_image_tokens(backbone, prompts: list[str], cfg: SamplingConfig, progress: bool = False,
                         stats: SamplingStats | None = None) -> torch.Tensor:
     """Draws one image per prompt; returns codebook indices (B, rows, cols)."""
@@ -72,18 +88,9 @@ def sample_image_tokens(backbone, prompts: list[str], cfg: SamplingConfig, progr
 def sample_image_body(backbone, prompts: list[str], cfg: SamplingConfig, progress: bool = False,
                       stats: SamplingStats | None = None) -> torch.Tensor:
     """Draws one image block per prompt; returns its vocabulary ids after the header (B, body_length)."""
-    cfg.validate()
     layout = backbone.layout
-    cond = [backbone.prompt_ids(p) for p in prompts]
-    for prefix in cond:
-        check_prompt_fits(backbone, prefix)
-    n = len(prompts)
-    guided = cfg.cfg_scale != 1.0
-    uncond = [backbone.unconditional_ids()] * n if guided else []
-    if guided and cfg.batched_cfg:
-        groups = [GrowingBatch(backbone, cond + uncond, cfg.kv_cache)]
-    else:
-        groups = [GrowingBatch(backbone, cond, cfg.kv_cache)] + ([GrowingBatch(backbone, uncond, cfg.kv_cache)] if guided else [])
+    n, guided = len(prompts), cfg.cfg_scale != 1.0
+    groups = guidance_batches(backbone, prompts, cfg, lambda prefixes, copies: GrowingBatch(backbone, prefixes, cfg.kv_cache))
 
     def logits_pair():
         out = torch.cat([g.next_logits() for g in groups])

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from .processors import SamplingConfig, image_token_distribution
-from .sampler import GrowingBatch, SamplingStats, _progress, check_prompt_fits
+from .sampler import GrowingBatch, SamplingStats, _progress, guidance_batches
 
 INITS = ("random", "above")
 DEFAULT_WINDOW = 16  # the SJD paper's window length
@@ -109,17 +109,9 @@ def sample_image_body_sjd(backbone, prompts: list[str], cfg: SamplingConfig, win
     layout = backbone.layout
     bl, K, L, R = layout.body_length, len(layout.image_token_ids), window, layout.row_length
     check_sjd_options(window, init, bl)
-    cond = [backbone.prompt_ids(p) for p in prompts]
-    for prefix in cond:
-        check_prompt_fits(backbone, prefix)
-    n = len(prompts)
-    guided = cfg.cfg_scale != 1.0
-    uncond = [backbone.unconditional_ids()] * n if guided else []
-    if guided and cfg.batched_cfg:
-        groups = [DraftBatch(backbone, cond + uncond, cfg.kv_cache, bl, 2)]
-    else:
-        groups = [DraftBatch(backbone, cond, cfg.kv_cache, bl, 1)]
-        groups += [DraftBatch(backbone, uncond, cfg.kv_cache, bl, 1)] if guided else []
+    n, guided = len(prompts), cfg.cfg_scale != 1.0
+    groups = guidance_batches(backbone, prompts, cfg,
+                              lambda prefixes, copies: DraftBatch(backbone, prefixes, cfg.kv_cache, bl, copies))
 
     forced_ids = torch.tensor([-1 if layout.forced_token(j) is None else layout.forced_token(j) for j in range(bl)])
     forced = forced_ids >= 0
