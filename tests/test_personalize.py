@@ -259,3 +259,46 @@ def test_an_adapter_from_another_model_is_refused_by_generate(tiny_model_dir, tm
     (other / "config.json").write_text(cfg)
     code, io = cli(capsys, "generate", "a [V] robot", "--model", str(other), "--adapter", str(out), "--out", str(tmp_path / "g"))
     assert code != 0 and "another base model" in io.err
+
+
+def test_prior_preservation_draws_class_images_once_and_trains_on_them(tiny_model_dir, refs, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    cfg = quick(prior_preservation=True, num_class_images=2, stages="embedding")
+    out = train(load_backbone(str(tiny_model_dir)), refs, cfg, tmp_path / "prior", progress=False)
+    assert load_file(str(out / "class_tokens.safetensors"))["codes"].shape == (2, 8, 8)
+    # a cached set is used as it is, not drawn again
+    seeded = tmp_path / "seeded"
+    seeded.mkdir()
+    save_file({"codes": torch.zeros(2, 8, 8, dtype=torch.long)}, str(seeded / "class_tokens.safetensors"))
+    before = (seeded / "class_tokens.safetensors").read_bytes()
+    train(load_backbone(str(tiny_model_dir)), refs, cfg, seeded, progress=False)
+    assert (seeded / "class_tokens.safetensors").read_bytes() == before
+    # the class term is in the loss: same subject batch, plus a positive prior term
+    plain = train(load_backbone(str(tiny_model_dir)), refs, quick(stages="embedding"), tmp_path / "plain", progress=False)
+    first = lambda folder: json.loads((folder / "log.jsonl").read_text().splitlines()[0])["loss"]  # noqa: E731
+    assert first(out) > first(plain)
+
+
+def test_on_mini_stage1_loss_falls_and_stage2_lowers_it_further():
+    """The demo subject on the real mini: the recipe must actually learn, not just run."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from tokenbooth.personalize.defaults import defaults_for
+    from tokenbooth.zoo.mini import demo_subject
+
+    mini = load_backbone("mini")
+    images = load_reference_images(demo_subject.FOLDER, mini.resolution)
+    settings = {**defaults_for("mini"), "stage1_steps": 120, "stage2_steps": 40}
+    with tempfile.TemporaryDirectory() as out:
+        train(mini, images, TrainConfig(class_name="robot", **settings), Path(out), progress=False)
+        log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+    stage1 = [r["loss"] for r in log if r["stage"] == "embedding"]
+    stage2 = [r["loss"] for r in log if r["stage"] == "layers"]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert mean(stage1[-20:]) < mean(stage1[:10]) - 0.1
+    assert mean(stage2[-10:]) < mean(stage1[-20:]) - 0.05

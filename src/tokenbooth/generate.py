@@ -54,7 +54,7 @@ def sjd_options(args) -> dict | None:
 
 
 def run_generate(args) -> None:
-    from .backbones import load_backbone
+    from .backbones import load_backbone_from_args
     from .vq import tensor_to_pil
 
     if args.num_images < 1:
@@ -63,7 +63,7 @@ def run_generate(args) -> None:
     sjd = sjd_options(args)
     names = [f"image-{i:03d}.png" for i in range(args.num_images)] + ["grid.png", "generate.json"]
     prepare_output_dir(args.out, names, args.overwrite)
-    backbone = load_backbone(args.model)
+    backbone = load_backbone_from_args(args)
     if args.adapter is not None:
         from .personalize import load_adapter
         from .personalize.adapter import warn_if_no_placeholder

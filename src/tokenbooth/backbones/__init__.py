@@ -1,4 +1,9 @@
-"""Model families behind one protocol (`base.Backbone`), loaded by name or by path."""
+"""Model families behind one protocol (`base.Backbone`), loaded by name or by path.
+
+A folder's config.json says which family reads it (model_type "chameleon": Lumina-mGPT and mini, "janus":
+Janus-Pro). Names load from the package (mini) or from the local Hugging Face cache (the published models);
+nothing is ever downloaded.
+"""
 
 from __future__ import annotations
 
@@ -13,20 +18,54 @@ MINI_DIR = Path(__file__).resolve().parent.parent / "zoo" / "mini" / "model"
 BUILTIN = {"mini": MINI_DIR}
 
 
-def load_backbone(name_or_path: str) -> Backbone:
-    """`mini` or a path to a model folder."""
-    from .chameleon import load_chameleon
+def presets() -> dict[str, tuple[str, int]]:
+    """Published checkpoints by name: (Hub repository, resolution)."""
+    from . import chameleon, janus
 
+    return {**chameleon.PRESETS, **janus.PRESETS}
+
+
+def loaders() -> dict:
+    """config.json model_type -> the family's loader."""
+    from .chameleon import load_chameleon
+    from .janus import load_janus
+
+    return {"chameleon": load_chameleon, "janus": load_janus}
+
+
+def load_backbone(name_or_path: str, resolution: int | None = None, device: str | None = None,
+                  dtype=None) -> Backbone:
+    """`mini`, a published model's name (lumina-mgpt-7b-768, janus-pro-1b, ...) or a path to a model folder.
+
+    resolution: for a Lumina-mGPT folder whose name does not say it. device: None = the GPU if there is one,
+    "auto" = layers spread over all GPUs. dtype: None = the checkpoint's own (bf16 for the published models)."""
+    from .hf import read_config
+    from .hub import cached_snapshot
+
+    known = presets()
     if name_or_path in BUILTIN:
         folder, name = BUILTIN[name_or_path], name_or_path
         if not (folder / "model.safetensors").is_file():
             raise UserError(f"the bundled {name} weights are missing from {folder}; train them with "
                             f"`python -m tokenbooth.zoo.mini.train all`")
+    elif name_or_path in known:
+        name = name_or_path
+        folder = cached_snapshot(known[name][0], name)
     else:
-        folder, name = Path(name_or_path), None
+        folder, name = Path(name_or_path).expanduser(), None
         if not folder.exists():
-            known = ", ".join(sorted(BUILTIN))
-            raise UserError(f"unknown model {name_or_path!r}: not a known name ({known}) and no such folder")
+            names = ", ".join([*sorted(BUILTIN), *sorted(known)])
+            raise UserError(f"unknown model {name_or_path!r}: not a known name ({names}) and no such folder")
         if not folder.is_dir():
             raise UserError(f"model path {folder} is not a folder")
-    return load_chameleon(folder, name)
+    model_type = read_config(folder).get("model_type")
+    load = loaders().get(model_type)
+    if load is None:
+        raise UserError(f"{folder} holds a {model_type!r} model; tokenbooth reads chameleon (Lumina-mGPT, mini) "
+                        f"and janus (Janus-Pro) checkpoints")
+    return load(folder, name, dtype=dtype, resolution=resolution, device=device)
+
+
+def load_backbone_from_args(args) -> Backbone:
+    """The backbone a command's --model (and --resolution, --device when it has them) name."""
+    return load_backbone(args.model, resolution=getattr(args, "resolution", None), device=getattr(args, "device", None))

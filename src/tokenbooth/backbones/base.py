@@ -1,8 +1,9 @@
 """The small protocol every backbone implements, and the image-block layout it declares.
 
-A backbone is a text tokenizer, an image tokenizer and a decoder-only transformer whose vocabulary holds
-both. The sampler and the personalization recipe only talk to this protocol, so mini, Lumina-mGPT and
-Janus-Pro run through the same code.
+A backbone is a text tokenizer, an image tokenizer and a decoder-only transformer, with one id space for
+text and image tokens (Chameleon's vocabulary holds both; Janus-Pro's image tokens get ids after its text
+vocabulary). The sampler and the personalization recipe only talk to this protocol, so mini, Lumina-mGPT
+and Janus-Pro run through the same code.
 """
 
 from __future__ import annotations
@@ -71,31 +72,39 @@ class Backbone(Protocol):
     resolution: int  # pixels per side of the images it draws
     layout: ImageLayout
     max_length: int  # context length
+    family: str  # picks personalization defaults
+    folder: object  # where the base weights live (adapters record their fingerprint)
+    model: torch.nn.Module  # the whole network: personalization selects its parameters by name
+    tokenizer: object  # a `tokenizers.Tokenizer` for the text side
+    logit_offset: int  # logits()[..., j] scores token id logit_offset + j (0 unless only later ids can follow)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of the conditional prefix for `prompt`, ending with the image header."""
 
-    def unconditional_ids(self) -> list[int]:
-        """Token ids of the unconditional prefix for classifier-free guidance, ending with the header."""
-
-    family: str  # picks personalization defaults
-    folder: object  # where the base weights live (adapters record their fingerprint)
+    def unconditional_ids(self, prompt_ids: list[int] | None = None) -> list[int]:
+        """Token ids of the unconditional prefix for classifier-free guidance, ending with the header.
+        prompt_ids: the conditional prefix it stands beside (Janus masks that one; Chameleon ignores it)."""
 
     def logits(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None, past_key_values=None, inputs_embeds=None):
-        """Full-vocabulary logits (float32, nothing masked) and the updated KV cache."""
+        """Logits of every token id from `logit_offset` on (float32, nothing masked) and the updated KV cache.
+        Inputs may live on the CPU; outputs live on the model's device."""
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of a token id sequence (what `logits` computes from input_ids)."""
 
     def input_embeddings(self) -> torch.nn.Embedding:
-        """The text+image token embedding table, where [V] gets its row."""
+        """The text token embedding table, where [V] gets its row."""
 
     def attention_layers(self) -> list:
         """Self-attention modules with q_proj, k_proj, v_proj: stage 2's default targets."""
 
     def placeholder_candidates(self) -> list[str]:
-        """Unused vocabulary entries, in the order personalization should take them as [V]."""
+        """Tokens free to become [V], in the order personalization should take them; each is in the
+        tokenizer and has a row in `input_embeddings()`."""
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, R, R) in [-1, 1] -> (B, rows, cols) codebook indices."""
+        """(B, 3, R, R) in [-1, 1] -> (B, rows, cols) codebook indices, on the CPU."""
 
     def decode_images(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, rows, cols) codebook indices -> (B, 3, R, R) in [-1, 1]."""
+        """(B, rows, cols) codebook indices -> (B, 3, R, R) in [-1, 1], float32 on the CPU."""

@@ -122,9 +122,12 @@ def load_adapter(backbone, folder: Path) -> PersonalizedBackbone:
         lora = load_file(str(folder / LORA_DIR / "adapter_model.safetensors")) if (folder / LORA_DIR).exists() else {}
     except (SafetensorError, OSError) as e:
         raise UserError(f"cannot read adapter weights in {folder}: {e}") from None
+    if backbone.tokenizer.token_to_id(cfg["placeholder_token"]) != cfg["placeholder_token_id"]:
+        raise UserError(f"adapter {folder}: {cfg['placeholder_token']} is not token {cfg['placeholder_token_id']} "
+                        f"in {backbone.name}'s tokenizer")
     with torch.no_grad():
         table = backbone.input_embeddings().weight
-        table[cfg["placeholder_token_id"]] = embeds[cfg["placeholder"]].to(table.dtype)
+        table[cfg["placeholder_token_id"]] = embeds[cfg["placeholder"]].to(table.device, table.dtype)
         params = dict(backbone.model.named_parameters())
         for name, tensor in layers.items():
             if name not in params or params[name].shape != tensor.shape:
@@ -146,7 +149,7 @@ def _merge_lora(params: dict, tensors: dict, lora_cfg: dict) -> None:
         weight = params.get(module + ".weight")
         if weight is None:
             raise UserError(f"LoRA target {module} does not exist in this model")
-        weight += (scale * (b.float() @ a.float())).to(weight.dtype)
+        weight += (scale * (b.float() @ a.float())).to(weight.device, weight.dtype)
 
 
 def warn_if_no_placeholder(prompt: str, placeholder: str) -> None:

@@ -11,6 +11,8 @@ DEFAULTS = {
     # 5M parameters, not 7B, hence a larger stage-2 step.
     "mini": dict(stage1_steps=250, stage1_lr=3e-3, stage2_steps=60, stage2_lr=2e-4, batch_size=8),
 }
+# The paper reports no Janus-Pro settings; its Lumina-mGPT ones are the starting point (both are Llama-style
+# decoders trained with next-token cross-entropy on VQ codes).
 DEFAULTS["janus-pro"] = dict(DEFAULTS["lumina-mgpt"])
 
 

@@ -57,6 +57,7 @@ class TrainConfig:
     prior_loss_weight: float = 1.0
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int = 100
+    gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~30% slower
 
     def validate(self) -> None:
         if self.stages not in STAGE_PLANS:
@@ -100,13 +101,14 @@ class Placeholder:
                 raise UserError(f"--init-token {cfg.init_token!r} has no tokens")
             init = table[ids].float().mean(0)
         else:  # random, at the scale of the existing rows
-            init = torch.randn(table.shape[1], generator=generator) * table.float().std()
-        self.embedding = torch.nn.Parameter(init.clone())  # fp32 master copy even when the model is bf16
+            init = torch.randn(table.shape[1], generator=generator).to(table.device) * table.float().std()
+        # fp32 master copy even when the model is bf16, on the table's device
+        self.embedding = torch.nn.Parameter(init.float().clone())
 
     def embed(self, backbone, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings with [V]'s row taken from the trainable copy."""
-        table = backbone.input_embeddings()
-        embeds = table(ids)
+        embeds = backbone.embed(ids)
+        ids = ids.to(embeds.device)
         return torch.where((ids == self.token_id)[..., None], self.embedding.to(embeds.dtype), embeds)
 
     def prompt_ids(self, backbone, prompt: str) -> list[int]:
@@ -159,12 +161,12 @@ def _attention_prefixes(backbone) -> list[str]:
 
 
 def add_lora(backbone, cfg: TrainConfig):
-    """LoRA on Q/K/V of every `lora_every`-th layer, through peft, injected in place."""
+    """LoRA on Q/K/V of every `lora_every`-th layer, through peft, injected in place. Targets are named in
+    full: a multimodal model (Janus-Pro's vision tower) has other q_proj/k_proj/v_proj that must stay as they are."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    layers = list(range(0, len(backbone.attention_layers()), cfg.lora_every))
-    lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, lora_dropout=0.0, target_modules=list(QKV),
-                             layers_to_transform=layers, layers_pattern="layers")
+    targets = [f"{prefix}.{proj}" for prefix in _attention_prefixes(backbone)[:: cfg.lora_every] for proj in QKV]
+    lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, lora_dropout=0.0, target_modules=targets)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: the same seed gives the same run
     inject_adapter_in_model(lora_config, backbone.model)
     return lora_config
@@ -203,6 +205,8 @@ def make_batch(backbone, placeholder: Placeholder, cfg: TrainConfig, codes: torc
 def batch_loss(backbone, placeholder: Placeholder, ids, labels, autocast) -> torch.Tensor:
     with autocast():
         logits, _ = backbone.logits(inputs_embeds=placeholder.embed(backbone, ids))
+    labels = labels.to(logits.device)
+    labels = torch.where(labels >= 0, labels - backbone.logit_offset, labels)  # logit columns start there
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
 
 
@@ -213,6 +217,22 @@ class RunState:
     stage_index: int = 0
     step: int = 0  # within the stage
     global_step: int = 0
+
+
+def enable_gradient_checkpointing(backbone) -> None:
+    """transformers' per-layer checkpointing (non-reentrant, so a frozen model with a trainable input
+    embedding still gets gradients). It only acts on layers in training mode; the networks have no dropout
+    in the layers personalization runs, so train mode changes nothing else."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    kwargs = {"use_reentrant": False}
+    if hasattr(backbone.model, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+        backbone.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for module in backbone.model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.train()
 
 
 def _autocast_for(backbone):
@@ -262,6 +282,8 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
     saved = load_checkpoint(checkpoint, placeholder, layer_params, generator, state) if checkpoint else None
 
     autocast = _autocast_for(backbone)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(backbone)
     log_path = out / "log.jsonl"
     _truncate_log(log_path, state.global_step)  # an interrupted run may have logged past its last checkpoint
     for stage_index, (stage, steps) in enumerate(cfg.plan):
@@ -306,9 +328,11 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
                 render_validation(backbone, placeholder, cfg, out / "validation" / f"step-{state.global_step}.png")
             if state.global_step == stop_after and not finished:
                 bar.close()
+                backbone.model.eval()
                 return out
         bar.close()
 
+    backbone.model.eval()  # checkpointing put layers in training mode; sampling wants them as they were
     write_loss_plot(log_path, out / "loss.png")
     save_final_adapter(backbone, placeholder, layer_params, lora_config, cfg, out)
     if cfg.validation_prompts:
@@ -347,8 +371,8 @@ def save_checkpoint(out: Path, state: RunState, placeholder: Placeholder, layer_
     tmp = out / "checkpoints" / f".step-{state.global_step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {"placeholder": placeholder.embedding.detach().clone(),
-               **{f"layer.{k}": v.detach().clone() for k, v in layer_params.items()}}
+    tensors = {"placeholder": placeholder.embedding.detach().cpu().clone(),
+               **{f"layer.{k}": v.detach().cpu().clone() for k, v in layer_params.items()}}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
@@ -403,11 +427,16 @@ def render_validation(backbone, placeholder: Placeholder, cfg: TrainConfig, path
     table = backbone.input_embeddings().weight
     original = table[placeholder.token_id].clone()
     table[placeholder.token_id] = placeholder.embedding.to(table.dtype)
+    training = [m for m in backbone.model.modules() if m.training]  # checkpointed layers would drop the KV cache
+    backbone.model.eval()
     try:
         personalized = adapter_files.PersonalizedBackbone(backbone, placeholder.text, placeholder.token)
-        images = generate_images(personalized, cfg.validation_prompts, SamplingConfig(seed=cfg.seed))
+        with _autocast_for(backbone)():  # trained layers are fp32 copies inside a bf16 model
+            images = generate_images(personalized, cfg.validation_prompts, SamplingConfig(seed=cfg.seed))
     finally:
         table[placeholder.token_id] = original
+        for module in training:
+            module.train()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_image(make_grid(images), path)
 

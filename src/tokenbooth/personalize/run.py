@@ -44,11 +44,11 @@ def output_folder(args) -> tuple[Path, bool]:
 
 
 def run_train(args) -> None:
-    from ..backbones import load_backbone
+    from ..backbones import load_backbone_from_args
     from .data import load_reference_images
 
     out, resuming = output_folder(args)
-    backbone = load_backbone(args.model)
+    backbone = load_backbone_from_args(args)
     if resuming:
         cfg = TrainConfig(**json.loads((out / RUN_CONFIG).read_text()))
     else:

@@ -45,7 +45,7 @@ class GrowingBatch:
         if self.cache is not None:
             self.fed = self.ids.shape[1]
         self.forward_passes += 1
-        return logits[:, -1]
+        return logits[:, -1].cpu()  # sampling happens on the CPU, whatever device the model is on
 
 
 @dataclass
@@ -72,7 +72,7 @@ def guidance_batches(backbone, prompts: list[str], cfg: SamplingConfig, make) ->
         check_prompt_fits(backbone, prefix)
     if cfg.cfg_scale == 1.0:
         return [make(cond, 1)]
-    uncond = [backbone.unconditional_ids()] * len(prompts)
+    uncond = [backbone.unconditional_ids(prefix) for prefix in cond]
     if cfg.batched_cfg:
         return [make(cond + uncond, 2)]
     return [make(cond, 1), make(uncond, 1)]
@@ -106,7 +106,7 @@ def sample_image_body(backbone, prompts: list[str], cfg: SamplingConfig, progres
             # the next image token's pass.
             token = torch.full((n,), forced, dtype=torch.long)
         else:
-            probs = image_token_distribution(*logits_pair(), layout.image_token_ids, cfg)
+            probs = image_token_distribution(*logits_pair(), layout.image_token_ids - backbone.logit_offset, cfg)
             token = layout.image_token_ids[torch.multinomial(probs, 1, generator=generator).squeeze(1)]
         body[:, j] = token
         for g in groups:

@@ -96,7 +96,7 @@ class DraftBatch(GrowingBatch):
         if self.cache is not None:
             self.fed = end
         self.forward_passes += 1
-        return logits[:, begin - start:]
+        return logits[:, begin - start:].cpu()
 
 
 def sample_image_body_sjd(backbone, prompts: list[str], cfg: SamplingConfig, window: int = DEFAULT_WINDOW,
@@ -166,7 +166,7 @@ def sample_image_body_sjd(backbone, prompts: list[str], cfg: SamplingConfig, win
         logits = torch.cat([g.body_logits(body, first, last) for g in groups])  # (rows, T, V)
         T, V = logits.shape[1], logits.shape[2]
         p = image_token_distribution(logits[:n].reshape(-1, V), logits[n:].reshape(-1, V) if guided else None,
-                                     image_ids, cfg).reshape(n, T, K)
+                                     image_ids - backbone.logit_offset, cfg).reshape(n, T, K)
 
         # The window of image r: positions a[r] + k, k < L, plus one past it for the bonus token.
         pos = a[:, None] + slots

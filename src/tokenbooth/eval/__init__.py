@@ -1,0 +1,1 @@
+"""Evaluation: DreamBench's metrics (DINO, CLIP-I, CLIP-T) and the DreamBench harness."""

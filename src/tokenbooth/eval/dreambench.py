@@ -1,0 +1,375 @@
+"""DreamBench (Ruiz et al. 2023) as users get it: `git clone github.com/google/dreambooth`; its `dataset/`
+holds one folder of JPEGs per subject and `prompts_and_classes.txt`, a "Classes" list (`subject_name,class`)
+and two prompt lists written as Python lines, `'a {0} {1} in the jungle'.format(unique_token, class_token),`
+under "Object Prompts" and "Live Subject Prompts". Live subjects are the dogs and cats.
+
+For every subject: personalize the backbone with its defaults (personalize/recipe.py), draw every prompt
+with [V] as the unique token (the paper: 1 image per prompt, CFG 4.0, image top-k 2000), score (metrics.py).
+
+    OUT/run.json                       the settings that decide the images; a restart must use the same ones
+    OUT/subjects/NAME/adapter/         the personalization (an adapter folder; an interrupted one resumes)
+    OUT/subjects/NAME/images/PP-K.png  prompt PP, image K
+    OUT/subjects/NAME/grid.png         references, then one row per prompt
+    OUT/subjects/NAME/scores.json      written last: a subject that has it is finished and skipped on restart
+    OUT/per_subject.{csv,json,md}      one row per finished subject
+    OUT/overall.{csv,json,md}          the real-images row and the personalized model's row
+
+Under `accelerate launch -m tokenbooth.eval dreambench ...` (or torchrun) the subjects still to do are split
+between the processes (each takes every N-th), so none is done twice or missed; the main process writes
+the tables once all are done. Without GPUs, `accelerate launch --multi_gpu --num_processes N` starts N CPU
+processes.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from ..errors import UserError
+from ..io import atomic_save_image, atomic_write_json
+from . import metrics
+from .tables import write_table
+
+PROMPTS_FILE = "prompts_and_classes.txt"
+LIVE_CLASSES = {"dog", "cat"}  # DreamBench's live subjects get the "Live Subject Prompts"
+PROMPT_LINE = re.compile(r"""(?P<literal>(['"]).*\2)\s*\.format\(\s*unique_token\s*,\s*class_token\s*\)\s*,?""")
+
+
+@dataclass
+class Subject:
+    name: str
+    class_name: str
+    folder: Path
+    images: list[Path]
+
+    @property
+    def live(self) -> bool:
+        return self.class_name in LIVE_CLASSES
+
+
+@dataclass
+class DreamBench:
+    subjects: list[Subject]
+    object_prompts: list[str]  # templates: {0} the unique token, {1} the class word
+    live_prompts: list[str]
+
+    def prompts(self, subject: Subject, placeholder: str) -> list[str]:
+        templates = self.live_prompts if subject.live else self.object_prompts
+        return [t.format(placeholder, subject.class_name) for t in templates]
+
+
+# --- reading the dataset --------------------------------------------------------------------------------
+
+def parse_prompts_and_classes(text: str, path: Path) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """(classes as (subject, class), object prompt templates, live prompt templates)."""
+    headings = {"classes": "classes", "prompts": None, "object prompts": "object", "live subject prompts": "live"}
+    section, seen = None, set()
+    classes, prompts = [], {"object": [], "live": []}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        if line.lower() in headings:
+            section = headings[line.lower()]
+            seen.add(line.lower())
+            continue
+        where = f"{path}, line {number}"
+        if section == "classes":
+            if line.replace(" ", "").lower() == "subject_name,class":
+                continue
+            name, comma, class_name = line.partition(",")
+            if not comma or not name.strip() or not class_name.strip():
+                raise UserError(f"{where}: expected 'subject_name,class', got {line!r}")
+            classes.append((name.strip(), class_name.strip()))
+        elif section in prompts:
+            if line.startswith("prompt_list") or line in ("[", "]"):
+                continue
+            match = PROMPT_LINE.fullmatch(line)
+            if not match:
+                raise UserError(f"{where}: expected a line like 'a {{0}} {{1}} in the jungle'.format(unique_token, "
+                                f"class_token), got {line!r}")
+            template = ast.literal_eval(match["literal"])  # a string literal, nothing else is evaluated
+            if "{0}" not in template or "{1}" not in template:
+                raise UserError(f"{where}: the prompt {template!r} lacks {{0}} (unique token) or {{1}} (class)")
+            prompts[section].append(template)
+        else:
+            raise UserError(f"{where}: unexpected line {line!r} outside the Classes and prompt sections")
+    for heading in ("classes", "object prompts", "live subject prompts"):
+        if heading not in seen:
+            raise UserError(f"{path} has no '{heading.title()}' section; is it DreamBench's {PROMPTS_FILE}?")
+    if not classes:
+        raise UserError(f"{path}: the Classes section lists no subject")
+    for key, heading in (("object", "Object Prompts"), ("live", "Live Subject Prompts")):
+        if not prompts[key]:
+            raise UserError(f"{path}: the {heading} section has no prompt")
+    return classes, prompts["object"], prompts["live"]
+
+
+def read_dreambench(folder: Path, only: list[str] | None = None) -> DreamBench:
+    """The dataset folder as DreamBench lays it out; `only` picks subjects. Every image of the picked
+    subjects is opened now, so a bad file stops the run before hours of work."""
+    from ..personalize.data import IMAGE_SUFFIXES
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"DreamBench folder not found: {folder}")
+    prompts_file = folder / PROMPTS_FILE
+    if not prompts_file.is_file():
+        raise UserError(f"{folder} is not DreamBench's dataset folder: {PROMPTS_FILE} is missing (clone "
+                        f"github.com/google/dreambooth and pass its dataset/ folder)")
+    classes, object_prompts, live_prompts = parse_prompts_and_classes(prompts_file.read_text(), prompts_file)
+    names = [name for name, _ in classes]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UserError(f"{prompts_file} lists subject {duplicates[0]} twice")
+    if only is not None:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise UserError(f"unknown subject {unknown[0]!r}: {prompts_file} lists {', '.join(names)}")
+        classes = [(n, c) for n, c in classes if n in only]
+    subjects = []
+    for name, class_name in classes:
+        sub = folder / name
+        if not sub.is_dir():
+            raise UserError(f"subject {name} (listed in {PROMPTS_FILE}) has no folder {sub}")
+        images = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise UserError(f"subject {name} has no images in {sub}")
+        check_images(images)
+        subjects.append(Subject(name, class_name, sub, images))
+    return DreamBench(subjects, object_prompts, live_prompts)
+
+
+def check_images(paths: list[Path]) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.draft("RGB", (64, 64))  # JPEGs decode at 1/8 scale: enough to find a broken file, fast
+                im.load()
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise UserError(f"cannot read image {path}: {e.__class__.__name__}") from None
+
+
+# --- the run ----------------------------------------------------------------------------------------------
+
+@dataclass
+class RunSettings:
+    """What decides the images. A restart in the same output folder must use the same settings."""
+    model: str
+    images_per_prompt: int = 1  # the paper's; DreamBooth drew 4
+    seed: int = 0  # prompt i is drawn with seed + i
+    cfg: float = 4.0  # the paper's guidance
+    top_k: int = 2000  # the paper's image top-k
+    placeholder: str = "[V]"  # DreamBench's unique_token
+    stage1_steps: int | None = None  # None: the backbone's default (personalize/defaults.py)
+    stage2_steps: int | None = None
+    batch_size: int | None = None
+
+
+def settings_from_args(args) -> RunSettings:
+    settings = RunSettings(model=args.model, images_per_prompt=args.images_per_prompt, seed=args.seed, cfg=args.cfg,
+                           top_k=args.top_k, placeholder=args.placeholder, stage1_steps=args.stage1_steps,
+                           stage2_steps=args.stage2_steps, batch_size=args.batch_size)
+    if settings.images_per_prompt < 1:
+        raise UserError(f"--images-per-prompt must be >= 1 (got {settings.images_per_prompt})")
+    sampling_config(settings).validate()
+    return settings
+
+
+def sampling_config(settings: RunSettings, prompt_index: int = 0):
+    from ..sampling import SamplingConfig
+
+    return SamplingConfig(cfg_scale=settings.cfg, image_top_k=settings.top_k, seed=settings.seed + prompt_index)
+
+
+def train_config(settings: RunSettings, family: str, class_name: str):
+    from ..personalize import TrainConfig
+    from ..personalize.defaults import defaults_for
+
+    values = defaults_for(family)
+    for name in ("stage1_steps", "stage2_steps", "batch_size"):
+        if getattr(settings, name) is not None:
+            values[name] = getattr(settings, name)
+    cfg = TrainConfig(class_name=class_name, placeholder=settings.placeholder, seed=settings.seed, **values)
+    cfg.validate()
+    return cfg
+
+
+def check_settings(out: Path, settings: RunSettings, is_main: bool) -> None:
+    path = out / "run.json"
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())["settings"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"cannot read {path}: {e}") from None
+        changed = [k for k, v in asdict(settings).items() if saved.get(k) != v]
+        if changed:
+            k = changed[0]
+            raise UserError(f"{out} holds a run with other settings ({k}: {saved.get(k)!r} there, "
+                            f"{getattr(settings, k)!r} now); use the same settings to resume or another --output")
+    elif is_main:
+        from .. import __version__
+
+        atomic_write_json(path, {"tokenbooth_version": __version__, "settings": asdict(settings)})
+
+
+def subject_folder(out: Path, name: str) -> Path:
+    return out / "subjects" / name
+
+
+def finished(out: Path, name: str) -> bool:
+    return (subject_folder(out, name) / "scores.json").is_file()
+
+
+def run_dreambench(args) -> None:
+    import torch
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from ..backbones import load_backbone
+    from ..personalize.run import _check_tokenizable
+
+    # cpu: without a GPU, processes started by `accelerate launch --multi_gpu` or torchrun share the work over
+    # gloo (accelerate's own --cpu launches a single process unless MPI is set up). The timeout: shards can
+    # finish hours apart, and the final wait must not give up after the default 30 minutes.
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(days=7))
+    settings = settings_from_args(args)
+    only = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    bench = read_dreambench(args.data, only)
+    scorer = metrics.Scorer(metrics.load_dino(args.dino, state.device), metrics.load_clip(args.clip, state.device))
+    scorer.clip.require_tokenizer()
+    backbone = load_backbone(settings.model)
+    for subject in bench.subjects:  # every class word must tokenize, and the settings make a valid recipe
+        _check_tokenizable(backbone, train_config(settings, backbone.family, subject.class_name))
+    del backbone
+
+    out = Path(args.output)
+    try:
+        (out / "subjects").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {out}: {e.strerror}") from None
+    check_settings(out, settings, state.is_main_process)
+    todo = [s for s in bench.subjects if not finished(out, s.name)]
+    state.wait_for_everyone()  # every process has listed what is left before any process finishes a subject
+    mine = todo[state.process_index:: state.num_processes]
+    if state.is_main_process:
+        print(f"DreamBench: {len(bench.subjects)} subject(s), {len(bench.subjects) - len(todo)} already finished, "
+              f"{len(todo)} to do on {state.num_processes} process(es)")
+    shard = f" [{state.process_index + 1}/{state.num_processes}]" if state.num_processes > 1 else ""
+    for subject in tqdm(mine, desc=f"subjects{shard}", unit="subject"):
+        run_subject(bench, subject, settings, scorer, subject_folder(out, subject.name), state.process_index)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        prompts_file = Path(args.data) / PROMPTS_FILE
+        names = [n for n, _ in parse_prompts_and_classes(prompts_file.read_text(), prompts_file)[0]]
+        write_results(out, names, settings, args.protocol)
+
+
+def run_subject(bench: DreamBench, subject: Subject, settings: RunSettings, scorer: metrics.Scorer, folder: Path,
+                rank: int = 0) -> dict:
+    """Personalize, draw every prompt, score; scores.json last. Whatever an earlier attempt finished (the
+    adapter, drawn images) is reused."""
+    from tqdm.auto import tqdm
+
+    from ..backbones import load_backbone
+    from ..images import labeled_rows
+    from ..personalize import load_adapter, load_reference_images, train
+    from ..personalize.recipe import latest_checkpoint
+    from ..sampling import sample_image_tokens
+    from ..vq import tensor_to_pil
+
+    adapter = folder / "adapter"
+    t0 = time.time()
+    if not (adapter / "adapter_config.json").is_file():
+        backbone = load_backbone(settings.model)
+        cfg = train_config(settings, backbone.family, subject.class_name)
+        images = load_reference_images(subject.folder, backbone.resolution)
+        train(backbone, images, cfg, adapter, resume=latest_checkpoint(adapter) is not None)
+        del backbone  # training changed it in memory; drawing uses the base plus the saved adapter
+    train_seconds = time.time() - t0
+
+    t0 = time.time()
+    personalized = load_adapter(load_backbone(settings.model), adapter)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    prompts = bench.prompts(subject, settings.placeholder)
+    drawn = []  # (file, prompt, image)
+    for i, prompt in enumerate(tqdm(prompts, desc=subject.name, unit="prompt", leave=False)):
+        files = [folder / "images" / f"{i:02d}-{k}.png" for k in range(settings.images_per_prompt)]
+        if all(f.is_file() for f in files):
+            images = metrics.read_images(files)
+        else:
+            codes = sample_image_tokens(personalized, [prompt] * len(files), sampling_config(settings, i))
+            images = tensor_to_pil(personalized.decode_images(codes))
+            for f, image in zip(files, images):
+                atomic_save_image(image, f)
+        drawn += [(f, prompt, image) for f, image in zip(files, images)]
+    generate_seconds = time.time() - t0
+
+    references = metrics.read_images(subject.images)
+    texts = [metrics.remove_placeholder(p, settings.placeholder) for _, p, _ in drawn]
+    scores = scorer.score([im for _, _, im in drawn], references, texts)
+    for row, (file, prompt, _), text in zip(scores["images"], drawn, texts):
+        row.update(file=str(file.relative_to(folder)), prompt=prompt, clip_t_text=text)
+    for row, path in zip(scores["real"], subject.images):
+        row["file"] = path.name
+
+    side = min(128, drawn[0][2].width)  # grid cells: the drawn size, at most 128 px
+    rows = [("references", [_cell(im, side) for im in references])]
+    rows += [(p[:40], [_cell(im, side) for _, q, im in drawn if q == p]) for p in prompts]
+    atomic_save_image(labeled_rows(rows), folder / "grid.png")
+    record = {"subject": subject.name, "class": subject.class_name, "live": subject.live,
+              "references": len(references), **scores, "train_seconds": round(train_seconds, 1),
+              "generate_seconds": round(generate_seconds, 1), "process_index": rank}
+    atomic_write_json(folder / "scores.json", record)
+    return record
+
+
+def _cell(image, side: int):
+    """A square grid cell: the center square, resized to `side`."""
+    from PIL import Image
+
+    square = metrics.center_crop(image, min(image.size))
+    return square if square.size == (side, side) else square.resize((side, side), Image.BICUBIC)
+
+
+PER_SUBJECT_COLUMNS = ["subject", "class", "live", "references", "images", "dino", "clip_i", "clip_t",
+                       "real_dino", "real_clip_i"]
+OVERALL_COLUMNS = ["row", "subjects", "images", "dino", "clip_i", "clip_t"]
+
+
+def write_results(out: Path, names: list[str], settings: RunSettings, protocol: str) -> dict:
+    """The tables over every finished subject of the dataset (earlier runs with --subjects included)."""
+    records = [json.loads((subject_folder(out, n) / "scores.json").read_text()) for n in names if finished(out, n)]
+    per_subject = []
+    for r in records:
+        means = metrics.aggregate([r], "paper")
+        per_subject.append({"subject": r["subject"], "class": r["class"], "live": r["live"],
+                            "references": r["references"], "images": len(r["images"]), **means})
+    total = metrics.aggregate(records, protocol)
+    n_images = sum(len(r["images"]) for r in records)
+    overall = [
+        {"row": "real images (references vs each other)", "subjects": len(records),
+         "images": sum(r["references"] for r in records), "dino": total["real_dino"], "clip_i": total["real_clip_i"],
+         "clip_t": None},
+        {"row": f"{settings.model}, personalized", "subjects": len(records), "images": n_images,
+         "dino": total["dino"], "clip_i": total["clip_i"], "clip_t": total["clip_t"]},
+    ]
+    meta = {"protocol": protocol, "settings": asdict(settings),
+            "missing_subjects": [n for n in names if not finished(out, n)]}
+    write_table(out, "per_subject", per_subject, PER_SUBJECT_COLUMNS, "DreamBench, per subject", meta)
+    title = f"DreamBench ({protocol} aggregation; CLIP-T with the placeholder removed from the prompt)"
+    write_table(out, "overall", overall, OVERALL_COLUMNS, title, meta)
+    from .tables import markdown_table
+
+    print(markdown_table(overall, OVERALL_COLUMNS), end="")
+    if meta["missing_subjects"]:
+        print(f"not yet run: {', '.join(meta['missing_subjects'])}")
+    print(f"tables written to {out}")
+    return {"per_subject": per_subject, "overall": overall}
