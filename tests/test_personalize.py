@@ -293,12 +293,12 @@ def test_on_mini_stage1_loss_falls_and_stage2_lowers_it_further():
 
     mini = load_backbone("mini")
     images = load_reference_images(demo_subject.FOLDER, mini.resolution)
-    settings = {**defaults_for("mini"), "stage1_steps": 120, "stage2_steps": 40}
+    settings = defaults_for("mini")  # the demo's run: 250 + 60 steps, about 40 s
     with tempfile.TemporaryDirectory() as out:
         train(mini, images, TrainConfig(class_name="robot", **settings), Path(out), progress=False)
         log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
     stage1 = [r["loss"] for r in log if r["stage"] == "embedding"]
     stage2 = [r["loss"] for r in log if r["stage"] == "layers"]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    assert mean(stage1[-20:]) < mean(stage1[:10]) - 0.1
-    assert mean(stage2[-10:]) < mean(stage1[-20:]) - 0.05
+    assert mean(stage1[-50:]) < mean(stage1[:20]) - 0.05  # [V] alone explains a little of the subject
+    assert mean(stage2[-10:]) < mean(stage1[-50:]) - 0.3  # the layers joining explain much more

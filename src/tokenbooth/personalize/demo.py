@@ -16,6 +16,9 @@ from ..io import atomic_save_image, atomic_write_json
 from ..sampling import SamplingConfig, generate_images
 
 IMAGES_PER_ROW = 5
+# mini is small and its stage 2 moves the unconditional branch too: guidance 4.0 (the paper's, for 7B)
+# amplifies that into noise, 1.5 keeps the subject and still follows the prompt (see README).
+DEMO_CFG = 1.5
 PROMPTS = (
     ("base model: a robot", "a robot", False),
     ("[V] robot on the beach", "a [V] robot on the beach", True),
@@ -52,7 +55,7 @@ def run_demo(args) -> None:
     train_seconds = time.time() - t0
 
     print("2/2 drawing the comparison grid")
-    sampling = SamplingConfig(seed=args.seed)
+    sampling = SamplingConfig(seed=args.seed, cfg_scale=DEMO_CFG)
     untouched = load_backbone("mini")
     personalized = load_adapter(load_backbone("mini"), adapter_dir)
     rows = [("references (never in pretraining)", references)]
@@ -62,6 +65,7 @@ def run_demo(args) -> None:
     atomic_save_image(labeled_rows(rows), grid_path)
     atomic_write_json(out / "demo.json", {
         "subject": demo_subject.SUBJECT.key, "prompts": [p for _, p, _ in PROMPTS], "seed": args.seed,
+        "cfg_scale": DEMO_CFG,
         "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t0, 1),
     })
     print(f"done in {time.time() - t0:.0f}s: grid {grid_path}, adapter {adapter_dir}, loss curve {adapter_dir / 'loss.png'}")

@@ -3,5 +3,5 @@
 from .render import render, render_background
 from .world import (
     BACKGROUNDS, CLASSES, COLORS, HELD_OUT_COMBOS, POSITIONS, RESERVED, Instance, Scene, caption, describe,
-    pretraining_scene, random_scene, reserved_instance, reserved_instances,
+    pretraining_scene, random_instance, random_scene, reserved_instance, reserved_instances,
 )
