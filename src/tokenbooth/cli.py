@@ -62,10 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("score", help="DINO, CLIP-I and CLIP-T of a folder of images against reference images")
     _add_score_flags(s)
-    e = sub.add_parser("eval", help="benchmarks: dreambench")
+    e = sub.add_parser("eval", help="benchmarks: dreambench, toybench")
     benchmarks = e.add_subparsers(dest="benchmark", required=True)
     _add_dreambench_flags(benchmarks.add_parser("dreambench",
                                                 help="personalize, draw and score every DreamBench subject"))
+    tb = benchmarks.add_parser("toybench", help="the paper's experiment on mini: ceiling, floor and ablations")
+    tb.add_argument("--output", type=Path, default=Path("runs/toybench"))
+    tb.add_argument("--subjects", type=int, default=10, help="reserved toyworld subjects to teach")
+    tb.add_argument("--clip", type=Path, help="CLIP for the metrics (default: the bundled toyCLIP)")
+    tb.add_argument("--seed", type=int, default=0)
     return ap
 
 
@@ -182,6 +187,10 @@ def cmd_eval(args) -> None:
         from .eval.dreambench import run_dreambench
 
         run_dreambench(args)
+    elif args.benchmark == "toybench":
+        from .eval.toybench import run_toybench
+
+        run_toybench(args)
 
 
 def main(argv: list[str] | None = None) -> int:
