@@ -176,7 +176,8 @@ def markdown(table: list[dict], n_subjects: int, seconds: float, command: str) -
     lines = [
         "# toy-bench: the paper's experiment on mini", "",
         f"{n_subjects} reserved toyworld subjects (never in pretraining), 4 references and 10 prompts each, one image "
-        f"per prompt, CFG {CFG}, image top-k 2000, seed 0. `{command}` took {seconds / 60:.1f} min on 2 CPU cores.", "",
+        f"per prompt, CFG {CFG}, image top-k 2000, seed 0. `{command}` took {seconds / 60:.1f} min on 2 CPU cores "
+        f"in its last invocation (images and adapters of earlier invocations are reused).", "",
         "| row | toyCLIP-I (fidelity) | toyCLIP-T (prompt) | checker identity | checker prompt |",
         "|---|---|---|---|---|",
     ]
