@@ -65,6 +65,16 @@ class ImageLayout:
         return codes.to(body.device)
 
 
+def require_token(tokenizer, token: str, model_name: str) -> int:
+    """The id of a token the backbone's layout needs; a tokenizer without it belongs to another model."""
+    from ..errors import UserError
+
+    tid = tokenizer.token_to_id(token)
+    if tid is None:
+        raise UserError(f"{model_name}: tokenizer has no token {token!r}")
+    return tid
+
+
 class Backbone(Protocol):
     """What the sampler and the personalization recipe need from a model family."""
 

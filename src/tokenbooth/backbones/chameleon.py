@@ -40,7 +40,7 @@ import torch
 
 from ..errors import UserError
 from ..vq import VQGAN, load_vqgan
-from .base import ImageLayout
+from .base import ImageLayout, require_token
 
 IMAGE_START = "<racm3:break>"
 IMAGE_END = "<eoss>"
@@ -109,10 +109,7 @@ class ChameleonBackbone:
     # --- token layout ---
 
     def token_id(self, token: str) -> int:
-        tid = self.tokenizer.token_to_id(token)
-        if tid is None:
-            raise UserError(f"{self.name}: tokenizer has no token {token!r}")
-        return tid
+        return require_token(self.tokenizer, token, self.name)
 
     def _layout(self) -> ImageLayout:
         d, g, r = self.vqgan.config.downsample, self.spec.size_unit, self.resolution

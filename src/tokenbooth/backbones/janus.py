@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .base import ImageLayout
+from .base import ImageLayout, require_token
 
 PRESETS = {
     "janus-pro-1b": ("deepseek-community/Janus-Pro-1B", 384),
@@ -74,10 +74,7 @@ class JanusBackbone:
                                   image_token_ids=torch.arange(self.image_base, self.image_base + vq.num_embeddings))
 
     def _id(self, token: str) -> int:
-        tid = self.tokenizer.token_to_id(token)
-        if tid is None:
-            raise UserError(f"{self.name}: tokenizer has no token {token!r}")
-        return tid
+        return require_token(self.tokenizer, token, self.name)
 
     def _add_placeholder_row(self) -> None:
         from tokenizers import AddedToken
