@@ -26,7 +26,7 @@ from tokenbooth.personalize import TrainConfig, load_reference_images, train
 from tokenbooth.personalize.defaults import defaults_for
 from tokenbooth.personalize.recipe import Placeholder, batch_loss, make_batch, reference_tokens
 from tokenbooth.vq import pil_to_tensor
-from tokenbooth.zoo.mini import demo_subject
+from tokenbooth.toyworld import demo_subject
 
 RESULTS = Path(__file__).parent / "results"
 

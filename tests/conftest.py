@@ -18,7 +18,7 @@ def build_tiny_model_folder(folder, seed: int = 0):
     from tokenbooth.backbones.chameleon import ChameleonBackbone, ChameleonSpec, save_chameleon
     from tokenbooth.toyworld import caption, pretraining_scene
     from tokenbooth.vq import VQGAN, VQGANConfig
-    from tokenbooth.zoo.mini.train import chameleon_config, train_bpe_tokenizer
+    from tokenbooth.backbones.chameleon_build import chameleon_config, train_bpe_tokenizer
 
     torch.manual_seed(seed)
     vq_cfg = VQGANConfig(embed_dim=16, n_embed=64, z_channels=32, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16)

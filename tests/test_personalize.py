@@ -289,7 +289,7 @@ def test_on_mini_stage1_loss_falls_and_stage2_lowers_it_further():
     from pathlib import Path
 
     from tokenbooth.personalize.defaults import defaults_for
-    from tokenbooth.zoo.mini import demo_subject
+    from tokenbooth.toyworld import demo_subject
 
     mini = load_backbone("mini")
     images = load_reference_images(demo_subject.FOLDER, mini.resolution)

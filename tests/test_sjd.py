@@ -27,7 +27,7 @@ def build_micro_backbone(seed: int = 0):
     from tokenbooth.backbones.chameleon import ChameleonBackbone, ChameleonSpec
     from tokenbooth.toyworld import caption, pretraining_scene
     from tokenbooth.vq import VQGAN, VQGANConfig
-    from tokenbooth.zoo.mini.train import chameleon_config, train_bpe_tokenizer
+    from tokenbooth.backbones.chameleon_build import chameleon_config, train_bpe_tokenizer
 
     class MicroBackbone(ChameleonBackbone):
         def prompt_text(self, prompt: str) -> str:

@@ -4,7 +4,7 @@ from conftest import run_cli as run
 
 from tokenbooth.eval.toybench import checker_scores, prompts, references, subjects, summarize
 from tokenbooth.toyworld import RESERVED, Scene, render
-from tokenbooth.zoo.mini.demo_subject import SUBJECT as DEMO
+from tokenbooth.toyworld.demo_subject import SUBJECT as DEMO
 
 
 def test_subjects_are_reserved_never_the_demo_subject_and_span_classes():

@@ -3,10 +3,10 @@ CLIP-I / CLIP-T tell a subject from its siblings and a right caption from a wron
 
 import pytest
 
-from tokenbooth.zoo.toyclip.train import MODEL_DIR, discrimination_report
+from tokenbooth.pretrain.toyclip import MODEL_DIR, discrimination_report
 
 pytestmark = pytest.mark.skipif(not (MODEL_DIR / "config.json").exists(),
-                                reason="toyCLIP not trained: python -m tokenbooth.zoo.toyclip.train")
+                                reason="toyCLIP not trained: python -m tokenbooth.pretrain.toyclip")
 
 MARGIN = 0.02  # cosine similarity
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import UserError
 from .base import Backbone, ImageLayout
 
-MINI_DIR = Path(__file__).resolve().parent.parent / "zoo" / "mini" / "model"
+from ..assets import MINI_DIR
 
 # Names users can type; each maps to a folder that ships with the package.
 BUILTIN = {"mini": MINI_DIR}
@@ -47,7 +47,7 @@ def load_backbone(name_or_path: str, resolution: int | None = None, device: str 
         folder, name = BUILTIN[name_or_path], name_or_path
         if not (folder / "model.safetensors").is_file():
             raise UserError(f"the bundled {name} weights are missing from {folder}; train them with "
-                            f"`python -m tokenbooth.zoo.mini.train all`")
+                            f"`python -m tokenbooth.pretrain.mini all`")
     elif name_or_path in known:
         name = name_or_path
         folder = cached_snapshot(known[name][0], name)

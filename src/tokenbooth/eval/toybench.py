@@ -12,7 +12,7 @@ accessories). Rows, as in the paper's Table 1 and ablations:
   two-stage    stage 1 then stage 2 on Q/K/V (the paper's method)
   two-stage-lora  the same with LoRA on Q/K/V
 Metrics go through exactly the code real CLIP goes through (eval/metrics.py) with toyCLIP, a CLIP trained on
-toyworld (zoo/toyclip): toyCLIP-I (fidelity) and toyCLIP-T (prompt following); and, independent of any
+toyworld (assets/toyclip, trained by pretrain/toyclip.py): toyCLIP-I (fidelity) and toyCLIP-T (prompt following); and, independent of any
 learned encoder, the toyworld checker: identity = the subject's own body color read back where the prompt
 keeps it; prompt = the asked background (and asked color) read back.
 Images are drawn once and kept: an interrupted run continues where it stopped.
@@ -44,7 +44,7 @@ CFG = 1.5  # mini's guidance for personalized sampling (see README: 4.0 turns st
 
 
 def subjects(n: int):
-    from ..zoo.mini.demo_subject import SUBJECT as DEMO
+    from ..toyworld.demo_subject import SUBJECT as DEMO
 
     picked, seen = [], set()
     for inst in reserved_instances():  # one per class first, then second siblings
@@ -254,8 +254,8 @@ def run_toybench(args) -> None:
 
 
 def _bundled_toyclip() -> Path:
-    from ..zoo.toyclip.train import MODEL_DIR
+    from ..assets import TOYCLIP_DIR as MODEL_DIR
 
     if not (MODEL_DIR / "config.json").exists():
-        raise UserError(f"toyCLIP is missing from {MODEL_DIR}; train it with python -m tokenbooth.zoo.toyclip.train")
+        raise UserError(f"toyCLIP is missing from {MODEL_DIR}; train it with python -m tokenbooth.pretrain.toyclip")
     return MODEL_DIR

@@ -31,7 +31,7 @@ PROMPTS = (
 
 def run_demo(args) -> None:
     from ..backbones import load_backbone
-    from ..zoo.mini import demo_subject
+    from ..toyworld import demo_subject
     from .adapter import load_adapter
     from .data import load_reference_images
     from .defaults import defaults_for

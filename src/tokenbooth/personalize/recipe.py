@@ -59,6 +59,13 @@ class TrainConfig:
     validation_steps: int = 100
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~30% slower
 
+    @classmethod
+    def for_family(cls, family: str, **overrides) -> "TrainConfig":
+        """The family's training defaults (backbones/families.py), with `overrides` on top."""
+        from ..backbones.families import family_defaults
+
+        return cls(**{"class_name": None, **family_defaults(family).train, **overrides})
+
     def validate(self) -> None:
         if self.stages not in STAGE_PLANS:
             raise UserError(f"--stages must be one of {', '.join(STAGE_PLANS)} (got {self.stages!r})")

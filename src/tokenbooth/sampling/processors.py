@@ -24,6 +24,16 @@ class SamplingConfig:
     seed: int = 0
     kv_cache: bool = True  # reuse past keys/values instead of re-running the whole prefix each step
     batched_cfg: bool = True  # conditional and unconditional rows in one forward pass
+    sampler: str = "plain"  # "plain", or "sjd": speculative Jacobi decoding, same distribution, fewer passes
+    sjd_window: int = 16  # draft tokens per SJD pass (the SJD paper's window length)
+    sjd_init: str = "random"  # how SJD fills new draft positions: a random image token or the token "above"
+
+    @classmethod
+    def for_family(cls, family: str, **overrides) -> "SamplingConfig":
+        """The family's sampling defaults (backbones/families.py), with `overrides` on top."""
+        from ..backbones.families import family_defaults
+
+        return cls(**{**family_defaults(family).sample, **overrides})
 
     def validate(self) -> None:
         if not self.cfg_scale >= 0:

@@ -1,4 +1,4 @@
-"""How good is mini? python -m tokenbooth.zoo.mini.quality [--model mini] [--out docs]
+"""How good is mini? python -m tokenbooth.eval.mini_quality [--model mini] [--out docs]
 
 - VQGAN: reconstruction PSNR on renders from a seed stream pretraining never used.
 - Prompt adherence: captions naming a (class, color, background) combination that pretraining never drew
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from ...backbones import load_backbone
-from ...images import make_grid
-from ...io import atomic_save_image, atomic_write_json
-from ...sampling import SamplingConfig, sample_image_tokens
-from ...toyworld import HELD_OUT_COMBOS, POSITIONS, describe, random_instance, random_scene, render
-from ...toyworld.checker import read_scene
-from ...vq import pil_to_tensor, tensor_to_pil
+from ..backbones import load_backbone
+from ..images import make_grid
+from ..io import atomic_save_image, atomic_write_json
+from ..sampling import SamplingConfig, sample_image_tokens
+from ..toyworld import HELD_OUT_COMBOS, POSITIONS, describe, random_instance, random_scene, render
+from ..toyworld.checker import read_scene
+from ..vq import pil_to_tensor, tensor_to_pil
 
 
 def vqgan_psnr(backbone, n: int = 500) -> float:
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
         "diversity": {"prompt": diversity_prompt, "seeds": len(seeds), "distinct_images": distinct},
         "sampling": cfg.to_dict(),
         "seconds": round(time.time() - t0, 1),
-        "command": "python -m tokenbooth.zoo.mini.quality",
+        "command": "python -m tokenbooth.eval.mini_quality",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "mini-quality.json", result)

@@ -1,16 +1,17 @@
 """The subject `tokenbooth demo` teaches mini: a reserved toyworld robot (never in mini's pretraining),
 as five reference pictures shipped in the package, like a user's photos of their own robot.
 
-Re-create the pictures with: python -m tokenbooth.zoo.mini.demo_subject
+Re-create the pictures with: python -m tokenbooth.toyworld.demo_subject
 """
 
 from pathlib import Path
 
-from ...toyworld import Scene, render, reserved_instance
+from ..assets import DEMO_SUBJECT_DIR
+from . import Scene, render, reserved_instance
 
 SUBJECT = reserved_instance("robot-brown-purple-plain-p2v2")  # purple head, two antennae, wide brown body
 CLASS_NAME = "robot"
-FOLDER = Path(__file__).parent / "demo_subject"
+FOLDER = DEMO_SUBJECT_DIR
 # (background, position) of each reference: a few contexts, as users photograph a subject
 REFERENCE_SHOTS = (("white", "center"), ("wood", "left"), ("grass", "center"), ("brick", "right"), ("pink", "center"))
 

@@ -1,4 +1,4 @@
-"""Pretrain mini from scratch on toyworld, on a CPU: python -m tokenbooth.zoo.mini.train all
+"""Pretrain mini from scratch on toyworld, on a CPU: python -m tokenbooth.pretrain.mini all
 
 Four steps, each resumable and each skipped when its output exists:
   data         render the pretraining scenes (reserved subjects and held-out combinations never appear)
@@ -23,17 +23,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...backbones.chameleon import (
-    IMAGE_END, IMAGE_START, PROMPT_TEMPLATE, ROW_END, TURN_END, ChameleonBackbone, ChameleonSpec, image_token_name,
-    size_token,
-)
-from ...io import atomic_path
-from ...toyworld import Scene, caption, pretraining_scene, render
-from ...vq import VQGAN, VQGANConfig, pil_to_tensor, save_vqgan
+from ..backbones.chameleon import PROMPT_TEMPLATE, ChameleonBackbone, ChameleonSpec
+from ..backbones.chameleon_build import chameleon_config, train_bpe_tokenizer
+from ..assets import MINI_DIR
+from ..io import atomic_path
+from ..toyworld import Scene, caption, pretraining_scene, render
+from ..vq import VQGAN, VQGANConfig, pil_to_tensor, save_vqgan
 
 RESOLUTION = 32
 NUM_SCENES = 60_000
-MODEL_DIR = Path(__file__).parent / "model"
+MODEL_DIR = MINI_DIR  # the shipped model folder this script writes
 
 # The tiny VQGAN: same class as Chameleon's (ch 128, ch_mult 1,1,2,2,4, 8192 codes), 4x downsampling so
 # that 32 px images become 8 x 8 = 64 tokens.
@@ -168,7 +167,7 @@ def train_vqgan(work: Path) -> None:
 def finetune_decoder(work: Path) -> None:
     """More training for the decoder alone, with encoder and codebook frozen: pictures get sharper while
     every image's tokens, and so the transformer trained on them, stay exactly valid."""
-    from ...vq import load_vqgan
+    from ..vq import load_vqgan
 
     done = work / "vqgan" / "decoder_finetuned"
     if done.exists():
@@ -220,36 +219,6 @@ def vqgan_psnr(model: VQGAN, pixels: torch.Tensor) -> float:
 
 # --- text tokenizer and vocabulary ---------------------------------------------------------------------
 
-NUM_PLACEHOLDER_TOKENS = 32  # <reserved00000>.. : free rows for personalization's [V], as in Chameleon
-BPE_MERGES = 600
-
-
-def vocabulary_specials(n_codes: int) -> list[str]:
-    """Special tokens in Chameleon's order: control tokens, then the image tokens, then the structure
-    tokens of Lumina-mGPT's image block, size tokens, and reserved rows."""
-    return (
-        ["<s>", "<pad>", "</s>", "<unk>"]
-        + [image_token_name(c) for c in range(n_codes)]
-        + [IMAGE_END, IMAGE_START, TURN_END, ROW_END]
-        + [size_token(n) for n in range(1, 17)]
-        + [f"<reserved{n:05d}>" for n in range(NUM_PLACEHOLDER_TOKENS)]
-    )
-
-
-def train_bpe_tokenizer(texts: list[str], n_codes: int, merges: int):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    specials = vocabulary_specials(n_codes)
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.Lowercase()  # "A Red Robot" means the same as "a red robot"
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # any character has a token
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=len(specials) + 256 + merges, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    return tok
-
-
 def train_tokenizer(work: Path) -> None:
     if (work / "tokenizer.json").exists():
         return
@@ -264,33 +233,15 @@ def train_tokenizer(work: Path) -> None:
 
 # --- transformer ----------------------------------------------------------------------------------------
 
-def chameleon_config(vocabulary: dict, n_codes: int = VQGAN_CONFIG.n_embed, hidden: int = 256, layers: int = 6,
-                     heads: int = 8, context: int = 256):
-    """mini's transformer: Lumina-mGPT 7B's architecture (4096 wide, 32 layers, 32 heads) cut down."""
-    from transformers import ChameleonConfig
-
-    vocab_size = -(-len(vocabulary) // 64) * 64
-    return ChameleonConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=context,
-        bos_token_id=vocabulary["<s>"], pad_token_id=vocabulary["<pad>"], eos_token_id=vocabulary[TURN_END],
-        vocabulary_map=vocabulary,
-        # transformers builds Chameleon's encoder-only VQVAE inside the model; tokenbooth's VQGAN is the
-        # image tokenizer, so that slot is kept as small as the class allows.
-        vq_config=dict(embed_dim=4, num_embeddings=n_codes, latent_channels=32, base_channels=32,
-                       channel_multiplier=[1], num_res_blocks=0, resolution=RESOLUTION),
-    )
-
-
 def new_backbone(work: Path):
     from tokenizers import Tokenizer
     from transformers import ChameleonForConditionalGeneration
 
-    from ...vq import load_vqgan
+    from ..vq import load_vqgan
 
     tokenizer = Tokenizer.from_file(str(work / "tokenizer.json"))
     torch.manual_seed(0)
-    model = ChameleonForConditionalGeneration(chameleon_config(tokenizer.get_vocab()))
+    model = ChameleonForConditionalGeneration(chameleon_config(tokenizer.get_vocab(), VQGAN_CONFIG.n_embed, resolution=RESOLUTION))
     return ChameleonBackbone("mini", model, tokenizer, load_vqgan(work / "vqgan"), MINI_SPEC)
 
 
@@ -382,7 +333,7 @@ def export(work: Path) -> None:
     """Assemble the model folder that ships in the package."""
     from transformers import ChameleonForConditionalGeneration
 
-    from ...backbones.chameleon import save_chameleon
+    from ..backbones.chameleon import save_chameleon
 
     backbone = new_backbone(work)
     backbone.model = ChameleonForConditionalGeneration.from_pretrained(work / "transformer")

@@ -1,4 +1,4 @@
-"""toyCLIP: a tiny CLIP trained from scratch on toyworld, on a CPU: python -m tokenbooth.zoo.toyclip.train
+"""toyCLIP: a tiny CLIP trained from scratch on toyworld, on a CPU: python -m tokenbooth.pretrain.toyclip
 
 It is saved in transformers' CLIPModel format (config.json + weights + CLIP's vocab.json/merges.txt), so the
 metric code that reads real CLIP ViT-B/32 (tokenbooth.eval.metrics.load_clip) reads it unchanged and
@@ -24,12 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...eval.metrics import CLIP_MEAN, CLIP_STD, clip_pixels, load_clip
-from ...toyworld import BACKGROUNDS, COLORS, POSITIONS, Scene, caption, describe, pretraining_scene, render
-from ...toyworld import reserved_instances
-from ..mini.train import zero_denormals
+from ..assets import TOYCLIP_DIR
+from ..eval.metrics import CLIP_MEAN, CLIP_STD, clip_pixels, load_clip
+from ..toyworld import BACKGROUNDS, COLORS, POSITIONS, Scene, caption, describe, pretraining_scene, render
+from ..toyworld import reserved_instances
+from .mini import zero_denormals
 
-MODEL_DIR = Path(__file__).parent / "model"
+MODEL_DIR = TOYCLIP_DIR  # the shipped model folder this script writes
 RESOLUTION = 32
 NUM_SCENES = 40_000
 TOKENIZER_CAPTIONS = 20_000  # captions the BPE is trained on (the vocabulary is small: every word gets merged)

@@ -1,0 +1,9 @@
+"""Model folders and pictures that ship with the package. The scripts that made them live in `pretrain/`
+(mini, toyCLIP) and `toyworld/demo_subject.py` (the demo's reference pictures)."""
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MINI_DIR = HERE / "mini"  # mini: Chameleon checkpoint, tokenizer, tokenbooth.json, vqgan/
+TOYCLIP_DIR = HERE / "toyclip"  # toyCLIP in transformers' CLIPModel format
+DEMO_SUBJECT_DIR = HERE / "demo_subject"  # the demo robot's reference pictures
