@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--subjects", type=int, default=10, help="reserved toyworld subjects to teach")
     tb.add_argument("--clip", type=Path, help="CLIP for the metrics (default: the bundled toyCLIP)")
     tb.add_argument("--seed", type=int, default=0)
+    from .commands import plan
+
+    plan.add_parser(sub)
     return ap
 
 
@@ -193,6 +196,12 @@ def cmd_eval(args) -> None:
         run_toybench(args)
 
 
+def cmd_plan(args) -> None:
+    from .commands import plan
+
+    plan.run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
@@ -200,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)  # denormals slow CPU kernels down many times over
     try:
         {"generate": cmd_generate, "train": cmd_train, "demo": cmd_demo, "score": cmd_score, "convert": cmd_convert,
-         "eval": cmd_eval}[args.command](args)
+         "eval": cmd_eval, "plan": cmd_plan}[args.command](args)
     except UserError as e:
         print(f"tokenbooth: error: {e}", file=sys.stderr)
         return 1
