@@ -68,6 +68,9 @@ def run(args) -> None:
     from ..plan.tracker import ALLOCATOR_RESERVE, fake_run
 
     budget = parse_size(args.gpu_memory) if args.gpu_memory is not None else None
+    if budget is not None and budget <= ALLOCATOR_RESERVE:
+        raise UserError(f"nothing fits {args.gpu_memory}: the CUDA context and the allocator's slack alone take about "
+                        f"{ALLOCATOR_RESERVE / GB:.1f} GB")
     with fake_run():
         family = blueprint(args.model, resolution=args.resolution).family
     settings = settings_from_args(args, family)

@@ -151,22 +151,35 @@ def fitting_settings(model: str, settings: RunSettings, budget: int, resolution:
     """Up to `limit` variations of `settings` whose training phases fit `budget`, fastest first. Candidates
     are tried in their expected speed order; one that is nowhere leaner than a setting that did not fit is
     skipped unmeasured. Sampling does not depend on these settings and is the caller's to check."""
-    fits, misses = [], []
     stage1: dict[tuple, PhasePlan] = {}  # stage 1 does not depend on the layers or the optimizer
-    for option in candidates(settings):
-        if any(_needs_more_memory(option, miss) for miss in misses):
-            continue
+
+    def training_plan(option: RunSettings) -> Plan:
         plan = Plan(model, option)
         for stage, _ in option.train.plan:
             phase = STAGE_PHASES[stage]
             key = (option.train.gradient_checkpointing, option.gradient_accumulation_steps, option.quantize)
-            if phase == "stage1" and key in stage1:
-                plan.phases[phase] = stage1[key]
-                continue
-            plan.phases[phase] = measure(model, phase, option, resolution)
-            if phase == "stage1":
-                stage1[key] = plan.phases[phase]
-        (fits if plan.fits(budget) else misses).append(plan if plan.fits(budget) else option)
+            if phase != "stage1" or key not in stage1:
+                result = measure(model, phase, option, resolution)
+                if phase != "stage1":
+                    plan.phases[phase] = result
+                    continue
+                stage1[key] = result
+            plan.phases[phase] = stage1[key]
+        return plan
+
+    options = candidates(settings)
+    leanest = [o for o in options if all(_needs_more_memory(other, o) for other in options)]
+    if leanest and not training_plan(leanest[0]).fits(budget):
+        return []  # nothing is leaner than this one
+    fits, misses = [], []
+    for option in options:
+        if any(_needs_more_memory(option, miss) for miss in misses):
+            continue
+        plan = training_plan(option)
+        if plan.fits(budget):
+            fits.append(plan)
+        else:
+            misses.append(option)
         if len(fits) == limit:
             break
     return sorted(fits, key=relative_time)
