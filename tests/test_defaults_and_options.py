@@ -21,7 +21,8 @@ def test_lumina_mgpt_trains_and_samples_with_the_papers_settings():
     """Sun et al. 2025, Sec. 4.1: stage 1 for 1500 steps at lr 0.01, stage 2 for 70 steps at lr 5e-6, 8 pairs
     per step, Q/K/V of every layer, random [V]; sampling at CFG 4.0 with image top-k 2000."""
     cfg = TrainConfig.for_family("lumina-mgpt", class_name="dog")
-    assert (cfg.stage1_steps, cfg.stage1_lr, cfg.stage2_steps, cfg.stage2_lr, cfg.batch_size) == (1500, 0.01, 70, 5e-6, 8)
+    paper = (1500, 0.01, 70, 5e-6, 8)
+    assert (cfg.stage1_steps, cfg.stage1_lr, cfg.stage2_steps, cfg.stage2_lr, cfg.batch_size) == paper
     assert (cfg.stages, cfg.layers, cfg.init_token) == ("two-stage", "qkv", None)
     sampling = SamplingConfig.for_family("lumina-mgpt")
     assert (sampling.cfg_scale, sampling.image_top_k) == (4.0, 2000)
@@ -29,7 +30,7 @@ def test_lumina_mgpt_trains_and_samples_with_the_papers_settings():
 
 
 def test_janus_pro_starts_from_the_papers_training_settings():
-    lumina, janus = TrainConfig.for_family("lumina-mgpt", class_name="dog"), TrainConfig.for_family("janus-pro", class_name="dog")
+    janus, lumina = (TrainConfig.for_family(f, class_name="dog") for f in ("janus-pro", "lumina-mgpt"))
     assert janus == lumina
 
 
@@ -94,7 +95,11 @@ def test_the_vqgan_is_taken_from_the_model_folder_then_the_environment_then_the_
     for seed in range(3):
         torch.manual_seed(seed)
         codebooks[seed] = VQGAN(cfg).quantize.embedding.weight.detach()
-    found = lambda: next(s for s, w in codebooks.items() if torch.equal(find_vqgan(model).quantize.embedding.weight, w))  # noqa: E731
+
+    def found():
+        codebook = find_vqgan(model).quantize.embedding.weight
+        return next(seed for seed, weight in codebooks.items() if torch.equal(codebook, weight))
+
     monkeypatch.setenv("TOKENBOOTH_VQGAN", str(env))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert found() == 0  # MODEL/vqgan first
@@ -116,8 +121,8 @@ def test_gradient_checkpointing_recomputes_the_layers_and_trains_to_the_same_ada
         calls = []
         for layer in backbone.attention_layers():
             layer.register_forward_pre_hook(lambda module, args: calls.append(1))
-        out = train(backbone, refs, TrainConfig.for_family("mini", class_name="robot", gradient_checkpointing=checkpointing,
-                                                           **cfg), tmp_path / str(checkpointing), progress=False)
+        settings = TrainConfig.for_family("mini", class_name="robot", gradient_checkpointing=checkpointing, **cfg)
+        out = train(backbone, refs, settings, tmp_path / str(checkpointing), progress=False)
         results[checkpointing] = (len(calls), {k: v for name in ("learned_embeds", "layers")
                                                for k, v in load_file(str(out / f"{name}.safetensors")).items()})
     (plain_calls, plain), (checkpointed_calls, checkpointed) = results[False], results[True]

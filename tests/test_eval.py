@@ -572,7 +572,8 @@ def by_hand_overall(subjects: list[dict], protocol: str) -> dict:
             out[m] = torch.cat([p.flatten() for p in pairs]).mean().item()
             out["real_" + m] = torch.cat(others).mean().item()
     per_subject = [s["clip_t"].mean() for s in subjects]
-    out["clip_t"] = (torch.stack(per_subject).mean() if protocol == "paper" else torch.cat([s["clip_t"] for s in subjects]).mean()).item()
+    pooled = torch.cat([s["clip_t"] for s in subjects])
+    out["clip_t"] = (torch.stack(per_subject).mean() if protocol == "paper" else pooled.mean()).item()
     return out
 
 

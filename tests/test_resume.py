@@ -9,15 +9,10 @@ import torch
 from conftest import run_cli
 from safetensors.torch import load_file
 from test_personalize import subject_images
+from test_personalize_effects import quick
 
 from tokenbooth.backbones import load_backbone
-from tokenbooth.personalize import TrainConfig, load_reference_images, train
-
-
-def quick(**overrides) -> TrainConfig:
-    settings = dict(stage1_steps=3, stage2_steps=2, stage1_lr=1e-2, stage2_lr=1e-3, batch_size=2,
-                    checkpointing_steps=100)
-    return TrainConfig.for_family("mini", class_name="robot", **{**settings, **overrides})
+from tokenbooth.personalize import load_reference_images, train
 
 
 def adapter_tensors(folder) -> dict[str, torch.Tensor]:
