@@ -50,8 +50,11 @@ def params_of(backbone):
 
 
 def changed(before, backbone):
-    after = dict(backbone.model.named_parameters())
-    return {k for k in before if k in after and not torch.equal(before[k], after[k].detach())}
+    """Names (as before training) of the parameters that differ now. LoRA wraps a projection and renames its
+    weight `...q_proj.base_layer.weight`: that is still the base weight and is compared under its old name."""
+    after = {k.replace(".base_layer.", "."): v for k, v in backbone.model.named_parameters() if ".lora_" not in k}
+    assert after.keys() == before.keys(), "parameters appeared or disappeared"
+    return {k for k in before if not torch.equal(before[k], after[k].detach())}
 
 
 def test_stage1_changes_only_the_placeholder_row(fresh, refs, tmp_path):
