@@ -31,7 +31,7 @@ PROMPT = "a red robot on the beach, on the left"
 def timed(backbone, n: int, **settings) -> tuple[float, SamplingStats]:
     stats = SamplingStats()
     start = time.perf_counter()
-    sample_image_tokens(backbone, [PROMPT] * n, SamplingConfig(seed=0, **settings), stats=stats)
+    sample_image_tokens(backbone, [PROMPT] * n, SamplingConfig.for_family(backbone.family, seed=0, **settings), stats=stats)
     return time.perf_counter() - start, stats
 
 

@@ -52,7 +52,8 @@ def run(args) -> dict:
     if len(windows) < len(args.windows):
         print(f"windows above the image body ({body} tokens) skipped", file=sys.stderr)
     texts = prompts(args.images)
-    base = SamplingConfig(cfg_scale=args.cfg, image_top_k=args.top_k)
+    given = {"cfg_scale": args.cfg, "image_top_k": args.top_k}
+    base = SamplingConfig.for_family(backbone.family, **{k: v for k, v in given.items() if v is not None})
     cfg_of = lambda i: SamplingConfig(**{**base.to_dict(), "seed": args.seed + i})  # noqa: E731
     sample_image_body(backbone, texts[:1], cfg_of(0))  # warm-up: first calls pay for allocations
 
@@ -168,8 +169,8 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=8, help="images per setting (each drawn alone)")
     ap.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
-    ap.add_argument("--cfg", type=float, default=4.0)
-    ap.add_argument("--top-k", type=int, default=2000)
+    ap.add_argument("--cfg", type=float, help="default: the model family's")
+    ap.add_argument("--top-k", type=int, help="default: the model family's")
     ap.add_argument("--seed", type=int, default=0, help="image i uses seed + i, for every sampler")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the issue's target: 2 CPU cores)")
     ap.add_argument("--out", type=Path, default=RESULTS)
