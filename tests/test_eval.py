@@ -408,7 +408,7 @@ def _break(dataset: Path, how: str) -> None:
 @pytest.mark.parametrize("how,message", [
     ("no prompts file", "prompts_and_classes.txt is missing"),
     ("no subject folder", "subject teddy (listed in prompts_and_classes.txt) has no folder"),
-    ("no images", "subject teddy has no images"),
+    ("no images", "no images in subject teddy's folder"),
     ("unreadable image", "cannot read image"),
     ("no live prompts", "no 'Live Subject Prompts' section"),
     ("bad class line", "expected 'subject_name,class'"),

@@ -13,17 +13,18 @@ from .errors import UserError
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 
-def list_images(folder: Path, what: str = "image") -> list[Path]:
-    """The image files of a folder (by suffix), in file-name order; `what` names the folder in errors."""
+def list_images(folder: Path, what: str = "image folder") -> list[Path]:
+    """The image files of a folder (by suffix), in file-name order; `what` names the folder in errors.
+    Training, scoring and DreamBench all list their images here."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"{what} folder not found: {folder}")
+        raise UserError(f"{what} not found: {folder}")
     try:
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     except OSError as e:
-        raise UserError(f"cannot read {what} folder {folder}: {e.strerror}") from None
+        raise UserError(f"cannot read {what} {folder}: {e.strerror}") from None
     if not files:
-        raise UserError(f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise UserError(f"no images in {what} {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
     return files
 
 

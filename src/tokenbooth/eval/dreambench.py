@@ -138,7 +138,7 @@ def read_dreambench(folder: Path, only: list[str] | None = None) -> DreamBench:
         sub = folder / name
         if not sub.is_dir():
             raise UserError(f"subject {name} (listed in {PROMPTS_FILE}) has no folder {sub}")
-        images = list_images(sub, f"subject {name}'s")
+        images = list_images(sub, f"subject {name}'s folder")
         check_images(images)
         subjects.append(Subject(name, class_name, sub, images))
     return DreamBench(subjects, object_prompts, live_prompts)

@@ -30,7 +30,7 @@ def parse_metrics(text: str) -> set[str]:
 
 def images_to_score(folder: Path) -> tuple[list[Path], dict | None]:
     """(image files, generate.json's contents or None)."""
-    files = list_images(folder, "--images")
+    files = list_images(folder, "--images folder")
     sidecar = Path(folder) / SIDECAR
     if not sidecar.is_file():
         return files, None
@@ -84,7 +84,7 @@ def score_folder(images: Path, references: Path, wanted: set[str], prompt: str |
     (optionally) writes every number to `output`; returns the table. Every input is checked before an
     encoder loads."""
     files, meta = images_to_score(images)
-    ref_files = list_images(references, "--references")
+    ref_files = list_images(references, "--references folder")
     prompts = prompts_for(files, prompt, prompts_file, meta) if "clip_t" in wanted else None
     if output is not None:
         check_can_create(output, "--output file", folder=False)
