@@ -63,9 +63,24 @@ def add_model_flags(p: argparse.ArgumentParser, placement: bool = True) -> None:
                                         "there is one")
 
 
+def check_device(device: str | None) -> None:
+    """--device names a device torch knows and this machine has ("auto" spreads layers over all GPUs)."""
+    import torch
+
+    if device is None or device == "auto":
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r} is not a device (cpu, cuda, cuda:N or auto)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no GPU is visible to torch")
+
+
 def load_model(args):
     from ..backbones import load_backbone
 
+    check_device(getattr(args, "device", None))
     return load_backbone(args.model or DEFAULT_MODEL, resolution=getattr(args, "resolution", None),
                          device=getattr(args, "device", None))
 

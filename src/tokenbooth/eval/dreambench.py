@@ -267,9 +267,9 @@ def run_dreambench(settings: RunSettings, data: Path, output: Path, subjects: li
     bench = read_dreambench(data, subjects)
     out = Path(output)
     check_can_create(out, "output folder", folder=True)
+    check_backbone(settings, bench)
     scorer = metrics.Scorer(metrics.load_dino(dino, state.device), metrics.load_clip(clip, state.device))
     scorer.clip.require_tokenizer()
-    check_backbone(settings, bench)
 
     try:
         (out / "subjects").mkdir(parents=True, exist_ok=True)

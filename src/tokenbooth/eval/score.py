@@ -88,15 +88,15 @@ def score_folder(images: Path, references: Path, wanted: set[str], prompt: str |
     prompts = prompts_for(files, prompt, prompts_file, meta) if "clip_t" in wanted else None
     if output is not None:
         check_can_create(output, "--output file", folder=False)
-    if "clip_t" in wanted and prompts is None:
-        warn("no prompts (--prompt, --prompts or a generate.json beside the images): CLIP-T skipped")
+    pictures, refs = metrics.read_images(files), metrics.read_images(ref_files)
     dino_encoder = metrics.load_dino(dino) if "dino" in wanted else None
     clip_encoder = metrics.load_clip(clip) if {"clip_i", "clip_t"} & wanted else None
     if clip_encoder is not None and prompts is not None:
         clip_encoder.require_tokenizer()
     scorer = metrics.Scorer(dino_encoder, clip_encoder, clip_i="clip_i" in wanted)
-    pictures, refs = metrics.read_images(files), metrics.read_images(ref_files)
     texts = [metrics.remove_placeholder(p, placeholder) for p in prompts] if prompts else None
+    if "clip_t" in wanted and prompts is None:
+        warn("no prompts (--prompt, --prompts or a generate.json beside the images): CLIP-T skipped")
     scores = scorer.score(pictures, refs, texts)
     for row, f in zip(scores["images"], files):
         row["file"] = f.name

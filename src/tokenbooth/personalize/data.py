@@ -24,18 +24,20 @@ def to_square_rgb(image: Image.Image, size: int) -> Image.Image:
 
 
 def load_reference_images(folder: Path, size: int) -> list[Image.Image]:
-    images = []
+    images, small, skipped = [], [], []
     for path in list_images(folder):
         try:
             with Image.open(path) as im:
                 im.draft("RGB", (size * 2, size * 2))  # JPEG decodes at reduced scale: huge photos stay cheap
                 if min(im.size) < size:
-                    warn(f"{path.name} is {im.size[0]}x{im.size[1]}, smaller than {size}px: upscaling it")
+                    small.append(f"{path.name} is {im.size[0]}x{im.size[1]}, smaller than {size}px: upscaling it")
                 images.append(to_square_rgb(im, size))
         except (UnidentifiedImageError, OSError, ValueError) as e:
-            warn(f"skipping {path.name}: not a readable image ({e.__class__.__name__})")
+            skipped.append(f"skipping {path.name}: not a readable image ({e.__class__.__name__})")
     if not images:
-        raise UserError(f"no readable image in {folder}")
+        raise UserError(f"no readable image in {folder} ({skipped[0].removeprefix('skipping ')})")
+    for message in skipped + small:
+        warn(message)
     if len(images) == 1:
         warn(f"only one usable image in {folder}: the subject is learned from a single view (the paper uses 3-5)")
     return images

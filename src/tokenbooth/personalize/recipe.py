@@ -96,6 +96,8 @@ def check_train_values(values: dict) -> None:
     given = {k: v for k, v in values.items() if v is not None}
     if "stages" in given and given["stages"] not in STAGE_PLANS:
         raise UserError(f"--stages must be one of {', '.join(STAGE_PLANS)} (got {given['stages']!r})")
+    if "init_token" in given and not given["init_token"].strip():
+        raise UserError("--init-token must be a word (leave it out for the paper's random start)")
     placeholder = given.get("placeholder")
     if placeholder is not None and (not placeholder.strip() or any(c.isspace() for c in placeholder)):
         raise UserError(f"placeholder {placeholder!r} must be a non-empty string without spaces")
@@ -277,11 +279,14 @@ RUN_FILE = "train_config.json"  # {"config": the TrainConfig, "source": ...}: --
 def check_run(backbone, cfg: TrainConfig, out: Path, resume: bool) -> None:
     """Everything that would stop the run, checked before it writes anything: the settings, the class word,
     the --layers targets, the sequence length, and what `out` already holds."""
+    from ..io import check_can_create
+
     cfg.validate()
     check_class_name(backbone, cfg.class_name)
     if cfg.layers != "lora":
         select_layer_params(backbone, cfg)
     check_training_fits(backbone, cfg)
+    check_can_create(out, "output folder", folder=True)
     if resume:
         saved, _ = read_run(out)
         if latest_checkpoint(out) is None:
@@ -298,17 +303,22 @@ def check_run(backbone, cfg: TrainConfig, out: Path, resume: bool) -> None:
 
 def check_training_fits(backbone, cfg: TrainConfig) -> None:
     """The longest training sequence (prompt, then the image) must fit the model's context, as `generate`
-    checks for its prompt: past it a large model runs out of memory instead of saying why."""
+    checks for its prompt: past it a large model runs out of memory instead of saying why. So must the
+    validation prompts."""
+    from ..sampling.sampler import check_prompt_fits
+
     candidates = backbone.placeholder_candidates()
     token = candidates[0] if candidates else cfg.placeholder
+    ids = lambda prompt: backbone.prompt_ids(adapter_files.substitute_placeholder(prompt, cfg.placeholder, token))  # noqa: E731
     prompts = [training_prompt(i, cfg.placeholder, cfg.class_name) for i in range(len(OBJECT_TEMPLATES))]
-    lengths = [len(backbone.prompt_ids(adapter_files.substitute_placeholder(p, cfg.placeholder, token)))
-               for p in prompts]
+    lengths = [len(ids(p)) for p in prompts]
     needed = max(lengths) + backbone.layout.body_length
     if needed > backbone.max_length:
         longest = prompts[lengths.index(max(lengths))]
         raise UserError(f"training sequences too long for {backbone.name}: {longest!r} and its image need {needed} "
                         f"tokens, the context holds {backbone.max_length} (shorten the class name)")
+    for prompt in cfg.validation_prompts:  # drawn during the run: found too long only after training otherwise
+        check_prompt_fits(backbone, ids(prompt))
 
 
 def read_run(out: Path) -> tuple[TrainConfig, dict]:
