@@ -12,8 +12,7 @@ from PIL import Image
 
 from tokenbooth.errors import UserError
 from tokenbooth.eval.metrics import read_images
-from tokenbooth.images import list_images, to_rgb
-from tokenbooth.io import atomic_save_image, atomic_write_json, read_json_object
+from tokenbooth.io import atomic_save_image, atomic_write_json
 from tokenbooth.personalize import load_reference_images
 
 
@@ -37,6 +36,8 @@ def test_a_16_bit_grayscale_png_keeps_its_shades_in_training_and_in_scoring(tmp_
 
 
 def test_eight_bit_images_and_transparency_are_unchanged_by_the_16_bit_path():
+    from tokenbooth.images import to_rgb
+
     rgb = Image.new("RGB", (4, 4), (10, 20, 30))
     assert to_rgb(rgb).getpixel((0, 0)) == (10, 20, 30)
     assert to_rgb(Image.new("L", (4, 4), 77)).getpixel((0, 0)) == (77, 77, 77)
@@ -44,6 +45,8 @@ def test_eight_bit_images_and_transparency_are_unchanged_by_the_16_bit_path():
 
 
 def test_images_are_listed_by_suffix_in_file_name_order(tmp_path):
+    from tokenbooth.images import list_images
+
     for name in ("b.PNG", "a.jpg", "notes.txt", "c.webp"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "d.png").mkdir()
@@ -72,6 +75,8 @@ def test_atomically_written_files_follow_the_umask_like_a_plain_open(tmp_path):
     (b"[1, 2]", "must hold a JSON object, not a list"),
 ])
 def test_a_json_file_that_is_not_a_utf8_json_object_is_one_clear_error(tmp_path, content, message):
+    from tokenbooth.io import read_json_object
+
     (tmp_path / "x.json").write_bytes(content)
     with pytest.raises(UserError, match=message):
         read_json_object(tmp_path / "x.json", "config")

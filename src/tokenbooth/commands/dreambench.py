@@ -7,7 +7,8 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from .common import add_sampler_flags, family_default, finite_float, positive_int, sampling_overrides
+from .common import (DEFAULT_MODEL, MODEL_HELP, add_sampler_flags, family_default, finite_float, positive_int,
+                     sampling_overrides)
 from .score import add_metric_flags
 
 
@@ -19,7 +20,7 @@ def add_parser(subparsers) -> None:
                    help="DreamBench's dataset/ folder (github.com/google/dreambooth)")
     b.add_argument("--list", "--dry-run", action="store_true", dest="list",
                    help="print the subjects, classes, image counts and prompts found, then stop (loads no model)")
-    b.add_argument("--model", default="mini", help="backbone: a name (mini) or a model folder (default: mini)")
+    b.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     b.add_argument("--output", type=Path, help="run folder (required unless --list); a finished subject is skipped")
     b.add_argument("--subjects", help="comma-separated subset, e.g. dog,cat,backpack (default: all)")
     b.add_argument("--images-per-prompt", type=positive_int, default=1, help="the paper: 1 (default); DreamBooth: 4")

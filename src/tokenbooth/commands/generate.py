@@ -64,10 +64,11 @@ def run(args: argparse.Namespace) -> None:
     for name, image in zip(names, drawing.images):
         atomic_save_image(image, args.out / name)
     atomic_save_image(make_grid(drawing.images), args.out / "grid.png")
+    settings = {k: v for k, v in cfg.to_dict().items() if cfg.sampler == "sjd" or not k.startswith("sjd_")}
     sjd = {"sjd_tokens_per_pass": round(drawing.stats.mean_tokens_per_pass, 3)} if cfg.sampler == "sjd" else {}
     atomic_write_json(args.out / "generate.json", {
         "tokenbooth_version": __version__, "model": args.model or DEFAULT_MODEL, "prompt": args.prompt,
         "adapter": str(args.adapter) if args.adapter else None, "num_images": args.num_images,
-        "resolution": backbone.resolution, **cfg.to_dict(), "images": names, "seconds": round(drawing.seconds, 2),
+        "resolution": backbone.resolution, **settings, "images": names, "seconds": round(drawing.seconds, 2),
         "forward_passes": drawing.stats.forward_passes, **sjd})
     print(f"wrote {args.num_images} images and grid.png to {args.out} ({drawing.seconds:.1f}s)")

@@ -21,7 +21,6 @@ files, converted at load time (convert.py); nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..io import atomic_path, atomic_save_image, atomic_write_json
+from ..io import atomic_path, atomic_save_image, atomic_write_json, read_json_object
 from ..vq import pil_to_tensor
 from . import adapter as adapter_files
 from .templates import OBJECT_TEMPLATES, training_prompt
@@ -326,13 +326,13 @@ def read_run(out: Path) -> tuple[TrainConfig, dict]:
     path = Path(out) / RUN_FILE
     if not path.is_file():
         raise UserError(f"nothing to resume in {out} (no {RUN_FILE})")
+    saved = read_json_object(path, "run settings")
+    if "config" not in saved:  # written before the source was recorded: the config alone
+        saved = {"config": saved}
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if "config" not in saved:  # written before the source was recorded: the config alone
-            saved = {"config": saved}
         return TrainConfig(**saved["config"]), dict(saved.get("source") or {})
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e.__class__.__name__}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} does not describe a run: {e}") from None
 
 
 # --- the run ----------------------------------------------------------------------------------------
