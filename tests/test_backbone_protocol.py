@@ -124,19 +124,19 @@ def test_janus_trainable_parameters_leave_out_the_vision_tower_and_both_image_to
 @pytest.mark.parametrize("layers", ["vqmodel", r"\.quantize\."])
 def test_layer_patterns_cannot_reach_the_vq_model(tiny_backbone, layers):
     with pytest.raises(UserError, match="matches no parameter"):
-        select_layer_params(tiny_backbone, TrainConfig(class_name="robot", layers=layers))
+        select_layer_params(tiny_backbone, TrainConfig.for_family("mini", class_name="robot", layers=layers))
 
 
 def test_an_invalid_layer_pattern_is_one_line(tiny_backbone):
     with pytest.raises(UserError, match="not a regular expression") as e:
-        select_layer_params(tiny_backbone, TrainConfig(class_name="robot", layers="q_proj,(unclosed"))
+        select_layer_params(tiny_backbone, TrainConfig.for_family("mini", class_name="robot", layers="q_proj,(unclosed"))
     assert "\n" not in str(e.value)
 
 
 # --- the loss, in codes ----------------------------------------------------------------------------------
 
 def batch_of(backbone, codes, seed=0):
-    cfg = TrainConfig(class_name="robot", batch_size=3)
+    cfg = TrainConfig.for_family("mini", class_name="robot", batch_size=3)
     placeholder = Placeholder(backbone, cfg, torch.Generator().manual_seed(seed))
     ids, labels = make_batch(backbone, placeholder, cfg, codes, torch.Generator().manual_seed(seed), subject=True)
     return placeholder, ids, labels
@@ -190,14 +190,14 @@ def test_the_placeholder_gets_a_gradient_and_the_loss_falls(tiny_backbone):
 def test_sampling_raises_no_deprecation_warning(tiny_backbone, sampler):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        draw(tiny_backbone, ["a cup"], SamplingConfig(seed=0, sampler=sampler, sjd_window=8))
+        draw(tiny_backbone, ["a cup"], SamplingConfig.for_family("mini", seed=0, sampler=sampler, sjd_window=8))
     assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
 
 
 def test_a_plain_sampling_run_prints_nothing_on_stderr(tiny_model_dir):
     """In a fresh process, as a user's run: transformers imports torchao when installed, which logs."""
     script = ("import sys; from tokenbooth.backbones import load_backbone; from tokenbooth.sampling import draw, "
-              "SamplingConfig; draw(load_backbone(sys.argv[1]), ['a cup'], SamplingConfig(seed=0))")
+              "SamplingConfig; draw(load_backbone(sys.argv[1]), ['a cup'], SamplingConfig.for_family('mini', seed=0))")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(__import__("tokenbooth").__path__[0].rsplit(os.sep, 1)[0]),
                                                        os.environ.get("PYTHONPATH")]))}

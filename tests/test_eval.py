@@ -337,6 +337,38 @@ def test_score_any_folder_against_references(encoders, tmp_path, capsys):
     assert len(saved["real"]) == 3 and "real images" in stdout
 
 
+def test_score_on_generates_output_scores_the_images_it_drew_not_the_grid(encoders, tmp_path, capsys):
+    from tokenbooth.images import make_grid
+
+    gen, refs = tmp_path / "gen", tmp_path / "refs"
+    gen.mkdir(), refs.mkdir()
+    for i, im in enumerate(toy_images(2, instance=0)):
+        im.save(refs / f"{i}.png")
+    drawn = toy_images(2, instance=1)
+    for i, im in enumerate(drawn):
+        im.save(gen / f"image-{i:03d}.png")
+    make_grid(drawn).save(gen / "grid.png")
+    (gen / "generate.json").write_text(json.dumps({"prompt": "a [V] robot", "images": ["image-000.png",
+                                                                                        "image-001.png"]}))
+    (tmp_path / "prompts.txt").write_text("a [V] robot\na [V] robot on the grass\n")  # one line per drawn image
+    out = tmp_path / "scores.json"
+    code, _, err = run_cli(capsys, "score", "--images", gen, "--references", refs, "--prompts", tmp_path / "prompts.txt",
+                           "--dino", encoders["dino-pth"], "--clip", encoders["clip-hf"], "--output", out)
+    assert code == 0, err
+    assert [r["file"] for r in json.loads(out.read_text())["images"]] == ["image-000.png", "image-001.png"]
+
+
+def test_an_unwritable_score_output_is_refused_before_any_encoder_loads(tmp_path, capsys):
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    toy_images(1)[0].save(gen / "0.png")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run_cli(capsys, "score", "--images", gen, "--references", gen, "--prompt", "a robot",
+                           "--dino", tmp_path / "no-dino", "--output", blocker / "scores.json")
+    assert code == 1 and "cannot create --output file" in err  # not the missing --dino, found only later
+
+
 # --- DreamBench ---------------------------------------------------------------------------------------------
 
 PROMPTS_AND_CLASSES = """Classes
@@ -408,7 +440,7 @@ def _break(dataset: Path, how: str) -> None:
 @pytest.mark.parametrize("how,message", [
     ("no prompts file", "prompts_and_classes.txt is missing"),
     ("no subject folder", "subject teddy (listed in prompts_and_classes.txt) has no folder"),
-    ("no images", "subject teddy has no images"),
+    ("no images", "no images in subject teddy's folder"),
     ("unreadable image", "cannot read image"),
     ("no live prompts", "no 'Live Subject Prompts' section"),
     ("bad class line", "expected 'subject_name,class'"),
@@ -418,6 +450,19 @@ def test_a_dataset_in_the_wrong_layout_stops_with_one_line(tmp_path, capsys, how
     _break(dataset, how)
     code, _, err = run_cli(capsys, "eval", "dreambench", "--data", dataset, "--output", tmp_path / "out")
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_dreambench_list_shows_subjects_classes_images_and_prompts_without_loading_a_model(tmp_path, capsys,
+                                                                                           monkeypatch):
+    import tokenbooth.backbones as backbones
+
+    monkeypatch.setattr(backbones, "load_backbone", lambda *a, **k: pytest.fail("--list loaded a model"))
+    dataset = make_dreambench(tmp_path / "dataset")
+    code, stdout, err = run_cli(capsys, "eval", "dreambench", "--data", dataset, "--list", "--subjects", "teddy,cat2")
+    assert code == 0, err
+    assert "2 subject(s)" in stdout and "teddy: class teddy, 3 image(s)" in stdout and "cat2: class cat" in stdout
+    assert "a [V] {class} in the jungle" in stdout and "a [V] {class} wearing a red hat" in stdout
+    assert not (tmp_path / "runs").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
 
 
 def bench_args(dataset, model, encoders, out, *extra):

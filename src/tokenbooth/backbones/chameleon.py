@@ -78,7 +78,7 @@ class ChameleonSpec:
     resolution: int = 768
     size_unit: int = 32
     bos: str = "<s>"
-    family: str = "lumina-mgpt"  # picks the personalization defaults (personalize/defaults.py)
+    family: str = "lumina-mgpt"  # picks the training and sampling defaults (backbones/families.py)
 
     @staticmethod
     def read(folder: Path) -> "ChameleonSpec":
