@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--subjects", type=int, default=10, help="reserved toyworld subjects to teach")
     tb.add_argument("--clip", type=Path, help="CLIP for the metrics (default: the bundled toyCLIP)")
     tb.add_argument("--seed", type=int, default=0)
+
+    from .commands import ui as ui_command
+
+    ui_command.add_parser(sub)
     return ap
 
 
@@ -199,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_flush_denormal(True)  # denormals slow CPU kernels down many times over
     try:
+        if args.command == "ui":
+            from .commands import ui as ui_command
+
+            return ui_command.run(args) or 0
         {"generate": cmd_generate, "train": cmd_train, "demo": cmd_demo, "score": cmd_score, "convert": cmd_convert,
          "eval": cmd_eval}[args.command](args)
     except UserError as e:
