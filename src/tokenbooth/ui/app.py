@@ -343,7 +343,10 @@ def _generate_tab(app: TokenboothApp) -> dict:
             if not subject.finished:
                 raise UserError(f"{subject.name} has not finished training")
             return subject.model(), subject
-        return value[len(BASE):], None
+        model = value[len(BASE):]
+        if model not in app.model_names():  # only what the page offers: never an arbitrary path from a request
+            raise UserError(f"unknown base model {model!r}")
+        return model, None
 
     @outputs(4)
     def on_choice(value):
