@@ -115,20 +115,25 @@ def build(app: TokenboothApp):
                 s = _subjects_tab(app)
 
         def generate_choices():
-            subjects = [(f"{x.name} ({x.model()})", SUBJECT + x.name) for x in ws.subjects() if x.finished]
+            finished = sorted((x for x in ws.subjects() if x.finished), key=lambda x: -x.folder.stat().st_mtime)
+            subjects = [(f"{x.name} ({x.model()})", SUBJECT + x.name) for x in finished]  # newest first
             bases = [(f"base model: {m}", BASE + m) for m in app.model_names()]
             return subjects + bases
 
-        def refresh_lists(current_gen, current_subject):
+        def refresh_lists(current_gen, current_subject, known):
+            """Fresh choices; a subject that finished since this page last looked gets selected."""
             choices = generate_choices()
             values = [v for _, v in choices]
-            gen_value = current_gen if current_gen in values else values[0]
+            new = [v for v in values if v.startswith(SUBJECT) and v not in known]
+            gen_value = new[0] if new and known is not None else current_gen if current_gen in values else values[0]
             names = [x.name for x in ws.subjects()]
             subject_value = current_subject if current_subject in names else (names[0] if names else None)
-            return gr.Dropdown(choices=choices, value=gen_value), gr.Dropdown(choices=names, value=subject_value)
+            return (gr.Dropdown(choices=choices, value=gen_value), gr.Dropdown(choices=names, value=subject_value),
+                    values)
 
-        lists = dict(fn=refresh_lists, inputs=[g["choice"], s["name"]], outputs=[g["choice"], s["name"]],
-                     show_progress="hidden")
+        known = gr.State(None)  # the Generate choices this page has seen (None: not loaded yet)
+        lists = dict(fn=refresh_lists, inputs=[g["choice"], s["name"], known],
+                     outputs=[g["choice"], s["name"], known], show_progress="hidden")
         demo.load(**lists)
         gen_tab.select(**lists)
         subj_tab.select(**lists)
