@@ -68,15 +68,19 @@ def wait_for_text(page, selector: str, *needles: str, timeout_ms: int = TIMEOUT_
     return page.inner_text(selector)
 
 
-def personalize(page, url: str, stage1: int, stage2: int, screenshots: Path | None = None) -> None:
-    """Uploads the demo subject, starts a training, reloads mid-way and checks a second tab, waits for the end."""
+def upload_demo_subject(page) -> None:
     from tokenbooth.assets import DEMO_SUBJECT_DIR
 
-    page.goto(url)
     page.wait_for_selector("#start")
     page.set_input_files("#references input[type=file]", sorted(str(p) for p in DEMO_SUBJECT_DIR.glob("*.png")))
     assert "5 image(s) ready" in wait_for_text(page, "#upload-message", "ready")
     page.fill("#class-word textarea", "robot")
+
+
+def personalize(page, url: str, stage1: int, stage2: int, screenshots: Path | None = None) -> None:
+    """Uploads the demo subject, starts a training, reloads mid-way and checks a second tab, waits for the end."""
+    page.goto(url)
+    upload_demo_subject(page)
     page.click("#advanced .label-wrap")  # the accordion opens on its header
     page.fill("#stage1-steps input", str(stage1))
     page.fill("#stage2-steps input", str(stage2))
@@ -91,9 +95,10 @@ def personalize(page, url: str, stage1: int, stage2: int, screenshots: Path | No
     other.goto(url)
     assert "robot" in wait_for_text(other, "#job-status", "training", "finished")
     other.close()
-    if screenshots is not None:
-        wait_for_text(page, "#job-status", "left")  # steps are being timed: the bars and the curve are live
-        time.sleep(4)
+    if screenshots is not None:  # mid-training, validation pictures drawn, pictures for a next subject dropped
+        upload_demo_subject(page)
+        page.wait_for_function("document.querySelectorAll('#validation img').length >= 2", timeout=TIMEOUT_MS)
+        time.sleep(2)
         page.screenshot(path=str(screenshots / "ui-personalize.png"), full_page=True)
     wait_for_text(page, "#job-status", "finished", "failed")
     assert "robot: finished" in job_text(page), job_text(page)
@@ -169,6 +174,7 @@ def take_screenshots(out: Path) -> None:
             page.screenshot(path=str(out / "ui-generate.png"), full_page=True)
             page.click("#tab-subjects-button")
             page.wait_for_function("document.querySelectorAll('#subject-refs img').length === 5")
+            wait_for_text(page, "#subject-summary", "finished adapter")
             time.sleep(1.5)
             page.screenshot(path=str(out / "ui-subjects.png"), full_page=True)
         browser.close()

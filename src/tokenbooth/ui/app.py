@@ -136,7 +136,7 @@ def build(app: TokenboothApp):
                      outputs=[g["choice"], s["name"], known], show_progress="hidden")
         demo.load(**lists)
         gen_tab.select(**lists)
-        subj_tab.select(**lists)
+        subj_tab.select(**lists).then(**s["show"])  # the same name may have changed since: training ended
         demo.load(p["fill"], inputs=[p["model"], p["preset"]], outputs=p["fields"], show_progress="hidden")
     return demo
 
@@ -200,6 +200,7 @@ def _personalize_tab(app: TokenboothApp) -> dict:
         loss_plot = gr.LinePlot(None, x="step", y="loss", color="stage", color_map=panels.STAGE_COLORS,
                                 title="Training loss", height=260, elem_id="loss-plot")
         validation = gr.Gallery(label="Validation pictures ([V] as it learns)", columns=5, height=260,
+                                fit_columns=False,
                                 object_fit="contain", elem_id="validation")
     cancel = gr.Button("Cancel training", variant="stop", visible=False, elem_id="cancel")
     job_msg = gr.Markdown(elem_id="job-message")
@@ -412,7 +413,7 @@ def _subjects_tab(app: TokenboothApp) -> dict:
         with gr.Column(scale=1):
             loss = gr.LinePlot(None, x="step", y="loss", color="stage", color_map=panels.STAGE_COLORS,
                                title="Training loss", height=240, elem_id="subject-loss")
-            vals = gr.Gallery(label="Validation pictures", columns=5, height=150, object_fit="contain",
+            vals = gr.Gallery(label="Validation pictures", columns=5, height=150, object_fit="contain", fit_columns=False,
                               elem_id="subject-validation")
     with gr.Row():
         zip_button = gr.Button("Download as zip", elem_id="zip")
@@ -462,13 +463,15 @@ def _subjects_tab(app: TokenboothApp) -> dict:
         path = ws.export_zip(subject_name)
         return gr.File(value=str(path), visible=True), f"{path.name}: {path.stat().st_size / 2**20:.1f} MB"
 
-    name.change(_friendly(on_pick), name, [refs, summary, loss, vals, confirm_row, msg], show_progress="hidden")
+    show = dict(fn=_friendly(on_pick), inputs=name, outputs=[refs, summary, loss, vals, confirm_row, msg],
+                show_progress="hidden")
+    name.change(**show)
     rename.click(_friendly(on_rename), [name, new_name], [name, msg])
     delete.click(_friendly(on_delete), name, [confirm_row, confirm_text])
     keep.click(lambda: gr.Row(visible=False), None, confirm_row)
     confirm.click(_friendly(on_confirm), name, [name, confirm_row, msg])
     zip_button.click(_friendly(on_zip), name, [zip_file, msg])
-    return {"name": name}
+    return {"name": name, "show": show}
 
 
 # --- serving -----------------------------------------------------------------------------------------------
