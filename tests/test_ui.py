@@ -37,8 +37,8 @@ def subject_with_job(ws, name, state="queued"):
 
 # --- names and uploads -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("raw, clean", [("robot", "robot"), ("  my dog!  ", "my-dog"), ("../../etc/passwd", "etcpasswd"),
-                                        (".hidden", "hidden"), ("a/b\\c", "abc"), ("x" * 100, "x" * 64)])
+@pytest.mark.parametrize("raw, clean", [("robot", "robot"), ("  my dog!  ", "my-dog"), (".hidden", "hidden"),
+                                        ("../../etc/passwd", "etcpasswd"), ("a/b\\c", "abc"), ("x" * 100, "x" * 64)])
 def test_subject_names_are_sanitised_to_one_safe_folder_name(raw, clean):
     assert sanitize_name(raw) == clean
 
@@ -260,3 +260,19 @@ def test_ui_help_documents_every_option_and_listens_locally_by_default():
         assert flag in text
     args = parser.parse_args(["ui"])
     assert (args.host, args.port, args.share, args.model) == ("127.0.0.1", 7860, False, "mini")
+
+
+def test_the_page_shows_a_failed_jobs_error_and_the_waiting_order(ws):
+    from tokenbooth.ui import panels
+
+    subject_with_job(ws, "broken", state="failed")
+    job = Job.load(ws, "broken")
+    job.error, job.finished = "loss became nan at step 3; <try> a lower learning rate", time.time()
+    job.save(ws)
+    queue = JobQueue(ws)
+    for name in ("first", "second"):
+        subject_with_job(ws, name)
+        queue.submit(Job(name, "mini", []))
+    page = panels.job_html(queue, panels.focus_job(queue))
+    assert "broken" in page and "failed" in page and "&lt;try&gt; a lower learning rate" in page
+    assert page.index("first") < page.index("second")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..personalize.recipe import TrainConfig
+from ..personalize.templates import training_prompt
 from . import panels
 from .jobs import Job, JobQueue, train_flags
 from .models import Models, available_models, base_prompt, family_of, generate, sampling_defaults
@@ -64,45 +65,34 @@ class TokenboothApp:
 
 def recipe(model: str, preset: str, **overrides) -> TrainConfig:
     """The family's training defaults, or the quick preset's shorter stages, with the form's fields on top."""
-    base = TrainConfig.for_family(family_of(model) or "lumina-mgpt")
+    family = family_of(model) or "lumina-mgpt"
+    base = TrainConfig.for_family(family)
     quick = {} if preset != "quick" else {"stage1_steps": max(1, base.stage1_steps // QUICK_FRACTION),
                                           "stage2_steps": max(1, base.stage2_steps // QUICK_FRACTION)}
-    return TrainConfig.for_family(family_of(model) or "lumina-mgpt", **{**quick, **overrides})
+    return TrainConfig.for_family(family, **{**quick, **overrides})
 
 
-def _friendly(fn):
-    """Runs a handler; a UserError (or any bug) becomes a message in the page and the server keeps serving."""
+def _friendly(fn, n_outputs: int = 1):
+    """Runs a handler; a UserError (or any bug) becomes a message in the handler's last output, the others stay
+    as they are, and the server keeps serving."""
+    import gradio as gr
+
     def wrapper(*args):
         try:
             return fn(*args)
-        except UserError as e:
-            return _message_only(fn, f"**Error:** {e}")
         except Exception as e:  # noqa: BLE001 - the page must say what broke, whatever it is
-            log.error("handler %s failed:\n%s", fn.__name__, traceback.format_exc())
-            return _message_only(fn, f"**Error:** {e.__class__.__name__}: {e}")
+            if not isinstance(e, UserError):
+                log.error("handler %s failed:\n%s", fn.__name__, traceback.format_exc())
+            text = f"**Error:** {e}" if isinstance(e, UserError) else f"**Error:** {e.__class__.__name__}: {e}"
+            return text if n_outputs == 1 else (*[gr.skip()] * (n_outputs - 1), text)
     wrapper.__name__ = fn.__name__
     return wrapper
-
-
-def _message_only(fn, text: str):
-    """A handler's outputs when it failed: the message in its last output, everything else unchanged."""
-    import gradio as gr
-
-    n = getattr(fn, "n_outputs", 1)
-    return text if n == 1 else tuple([gr.skip()] * (n - 1) + [text])
-
-
-def outputs(n: int):
-    def mark(fn):
-        fn.n_outputs = n
-        return fn
-    return mark
 
 
 def build(app: TokenboothApp):
     import gradio as gr
 
-    ws, queue = app.workspace, app.queue
+    ws = app.workspace
     with gr.Blocks(title="tokenbooth", analytics_enabled=False) as demo:
         gr.Markdown("## tokenbooth\nTeach an auto-regressive text-to-image model a new subject from a few "
                     "pictures, then draw it anywhere: *a [V] robot on the beach*.")
@@ -124,8 +114,8 @@ def build(app: TokenboothApp):
             """Fresh choices; a subject that finished since this page last looked gets selected."""
             choices = generate_choices()
             values = [v for _, v in choices]
-            new = [v for v in values if v.startswith(SUBJECT) and v not in known]
-            gen_value = new[0] if new and known is not None else current_gen if current_gen in values else values[0]
+            new = [v for v in values if v.startswith(SUBJECT) and known is not None and v not in known]
+            gen_value = new[0] if new else current_gen if current_gen in values else values[0]
             names = [x.name for x in ws.subjects()]
             subject_value = current_subject if current_subject in names else (names[0] if names else None)
             return (gr.Dropdown(choices=choices, value=gen_value), gr.Dropdown(choices=names, value=subject_value),
@@ -200,8 +190,7 @@ def _personalize_tab(app: TokenboothApp) -> dict:
         loss_plot = gr.LinePlot(None, x="step", y="loss", color="stage", color_map=panels.STAGE_COLORS,
                                 title="Training loss", height=260, elem_id="loss-plot")
         validation = gr.Gallery(label="Validation pictures ([V] as it learns)", columns=5, height=260,
-                                fit_columns=False,
-                                object_fit="contain", elem_id="validation")
+                                fit_columns=False, object_fit="contain", elem_id="validation")
     cancel = gr.Button("Cancel training", variant="stop", visible=False, elem_id="cancel")
     job_msg = gr.Markdown(elem_id="job-message")
 
@@ -211,7 +200,6 @@ def _personalize_tab(app: TokenboothApp) -> dict:
         cfg = recipe(model_name, preset_name)
         return cfg.stage1_steps, cfg.stage1_lr, cfg.stage2_steps, cfg.stage2_lr, cfg.batch_size
 
-    @outputs(2)
     def on_upload(files):
         if not files:
             return [], ""
@@ -229,7 +217,7 @@ def _personalize_tab(app: TokenboothApp) -> dict:
         cfg = recipe(model_name, preset_name, class_name=cls, stage1_steps=int(st1 or 0), stage1_lr=float(l1 or 0),
                      stage2_steps=int(st2 or 0), stage2_lr=float(l2 or 0), layers=lay, lora_rank=int(r or 0),
                      batch_size=int(b or 0), seed=int(sd or 0), prior_preservation=bool(pr),
-                     validation_prompts=[f"a photo of a [V] {cls}"],
+                     validation_prompts=[training_prompt(0, TrainConfig.placeholder, cls)],
                      validation_steps=int(ve) if ve else max(1, total // 4),
                      checkpointing_steps=max(1, min(50, total // 5)))  # a resume loses at most a fifth of the run
         cfg.validate()
@@ -254,51 +242,37 @@ def _personalize_tab(app: TokenboothApp) -> dict:
         return f"**{subject_name}**: " + ("resuming now." if place == 0 else f"waiting, number {place} in the queue.")
 
     def refresh(seen):
-        """Called every POLL_SECONDS by every open page; unchanged outputs are skipped, so nothing flickers."""
+        """Called every POLL_SECONDS by every open page; outputs that did not change are skipped (no flicker)."""
         job = panels.focus_job(queue)
-        subject = None
-        if job is not None:
-            try:
-                subject = ws.subject(job.name)
-            except UserError:
-                subject = None
-        records = subject.loss_records() if subject is not None else []
+        subject = panels.subject_or_none(ws, job.name) if job is not None else None
         vals = panels.validation_items(subject)
         unfinished = queue.unfinished()
-        running = queue.running()
-        view = panels.job_html(queue, job)
-        now = {
-            "view": view,
-            "loss": (job.name if job else None, len(records)),
-            "validation": (job.name if job else None, tuple(v[0] for v in vals)),
-            "cancel": running is not None,
-            "resume": tuple(unfinished),
-        }
+        now = {"view": panels.job_html(queue, job),
+               "loss": (job and job.name, len(subject.loss_records()) if subject else 0),
+               "validation": (job and job.name, tuple(v[0] for v in vals)),
+               "cancel": queue.running() is not None,
+               "resume": tuple(unfinished)}
+        offer = (f"**{len(unfinished)} training(s) stopped before the end** ({', '.join(unfinished)}). "
+                 "Resume one from its last complete checkpoint:")
 
-        def changed(key):
-            return seen.get(key) != now[key]
+        def unless_same(key, make):
+            return make() if seen.get(key) != now[key] else gr.skip()
 
-        offer = ""
-        if unfinished:
-            offer = (f"**{len(unfinished)} training(s) stopped before the end** ({', '.join(unfinished)}). "
-                     "Resume one from its last complete checkpoint:")
-        return (
-            now,
-            view if changed("view") else gr.skip(),
-            panels.loss_table(subject) if changed("loss") else gr.skip(),
-            vals if changed("validation") else gr.skip(),
-            gr.Button(visible=now["cancel"]) if changed("cancel") else gr.skip(),
-            gr.Group(visible=bool(unfinished)) if changed("resume") else gr.skip(),
-            gr.Dropdown(choices=unfinished, value=unfinished[0] if unfinished else None) if changed("resume")
-            else gr.skip(),
-        ) + ((gr.Markdown(offer),) if changed("resume") else (gr.skip(),))
+        return (now,
+                unless_same("view", lambda: now["view"]),
+                unless_same("loss", lambda: panels.loss_table(subject)),
+                unless_same("validation", lambda: vals),
+                unless_same("cancel", lambda: gr.Button(visible=now["cancel"])),
+                unless_same("resume", lambda: gr.Group(visible=bool(unfinished))),
+                unless_same("resume", lambda: gr.Dropdown(choices=unfinished, value=(unfinished or [None])[0])),
+                unless_same("resume", lambda: offer))
 
     seen = gr.State({})
     timer = gr.Timer(POLL_SECONDS)
     timer.tick(refresh, inputs=seen, outputs=[seen, job_view, loss_plot, validation, cancel, resume_group,
                                               resume_name, resume_note],
                show_progress="hidden", concurrency_limit=None, queue=False)
-    uploads.change(_friendly(on_upload), uploads, [thumbs, upload_msg], show_progress="hidden")
+    uploads.change(_friendly(on_upload, 2), uploads, [thumbs, upload_msg], show_progress="hidden")
     for control in (model, preset):
         control.change(fill, [model, preset], fields, show_progress="hidden")
     start.click(_friendly(on_start), [uploads, class_word, name, model, preset, s1, lr1, s2, lr2, layers, rank,
@@ -354,7 +328,6 @@ def _generate_tab(app: TokenboothApp) -> dict:
             raise UserError(f"unknown base model {model!r}")
         return model, None
 
-    @outputs(4)
     def on_choice(value):
         model, subject = resolve(value)
         defaults = sampling_defaults(model, subject)
@@ -364,10 +337,11 @@ def _generate_tab(app: TokenboothApp) -> dict:
 
     def on_insert(value, text):
         _, subject = resolve(value)
-        words = subject.placeholder_words() if subject else ""
-        return f"{text.rstrip()} {words}".strip() if text.strip() else f"a {words}"
+        if subject is None:  # the base model has no [V]
+            return text
+        words = subject.placeholder_words()
+        return f"{text.rstrip()} {words}" if text.strip() else f"a {words}"
 
-    @outputs(4)
     def on_generate(value, text, count, sd, scale, k, which, side_by_side):
         model, subject = resolve(value)
         overrides = {"seed": int(sd or 0), "sampler": which}
@@ -386,9 +360,9 @@ def _generate_tab(app: TokenboothApp) -> dict:
         return (caption, gr.Gallery(value=[str(p) for p in base_paths], visible=bool(base_paths)),
                 [str(p) for p in paths + base_paths], done)
 
-    choice.change(_friendly(on_choice), choice, [insert, cfg, top_k, msg], show_progress="hidden")
-    insert.click(_friendly(on_insert), [choice, prompt], prompt, show_progress="hidden")
-    go.click(_friendly(on_generate), [choice, prompt, n, seed, cfg, top_k, sampler, compare],
+    choice.change(_friendly(on_choice, 4), choice, [insert, cfg, top_k, msg], show_progress="hidden")
+    insert.click(on_insert, [choice, prompt], prompt, show_progress="hidden")
+    go.click(_friendly(on_generate, 4), [choice, prompt, n, seed, cfg, top_k, sampler, compare],
              [gallery, base_gallery, files, msg])
     return {"choice": choice}
 
@@ -413,8 +387,8 @@ def _subjects_tab(app: TokenboothApp) -> dict:
         with gr.Column(scale=1):
             loss = gr.LinePlot(None, x="step", y="loss", color="stage", color_map=panels.STAGE_COLORS,
                                title="Training loss", height=240, elem_id="subject-loss")
-            vals = gr.Gallery(label="Validation pictures", columns=5, height=150, object_fit="contain", fit_columns=False,
-                              elem_id="subject-validation")
+            vals = gr.Gallery(label="Validation pictures", columns=5, height=150, object_fit="contain",
+                              fit_columns=False, elem_id="subject-validation")
     with gr.Row():
         zip_button = gr.Button("Download as zip", elem_id="zip")
         delete = gr.Button("Delete...", variant="stop", elem_id="delete")
@@ -425,7 +399,6 @@ def _subjects_tab(app: TokenboothApp) -> dict:
     zip_file = gr.File(label="Zip", interactive=False, visible=False, elem_id="zip-file")
     msg = gr.Markdown(elem_id="subjects-message")
 
-    @outputs(6)
     def on_pick(subject_name):
         if not subject_name:
             return [], "No subject yet: train one in Personalize, or point `tokenbooth train --output` at " \
@@ -438,19 +411,16 @@ def _subjects_tab(app: TokenboothApp) -> dict:
         if queue.active(subject_name):
             raise UserError(f"{subject_name} is queued or training; cancel it first")
 
-    @outputs(2)
     def on_rename(subject_name, wanted):
         idle(subject_name)
         renamed = ws.rename(subject_name, wanted)
         names = [x.name for x in ws.subjects()]
         return gr.Dropdown(choices=names, value=renamed), f"Renamed {subject_name} to **{renamed}**."
 
-    @outputs(2)
     def on_delete(subject_name):
         ws.subject(subject_name)
-        return gr.Row(visible=True), f"Delete **{subject_name}** and all its files? This cannot be undone."
+        return gr.Row(visible=True), f"Delete **{subject_name}** and all its files? This cannot be undone.", ""
 
-    @outputs(3)
     def on_confirm(subject_name):
         idle(subject_name)
         ws.delete(subject_name)
@@ -458,19 +428,18 @@ def _subjects_tab(app: TokenboothApp) -> dict:
         return (gr.Dropdown(choices=names, value=names[0] if names else None), gr.Row(visible=False),
                 f"Deleted {subject_name}.")
 
-    @outputs(2)
     def on_zip(subject_name):
         path = ws.export_zip(subject_name)
         return gr.File(value=str(path), visible=True), f"{path.name}: {path.stat().st_size / 2**20:.1f} MB"
 
-    show = dict(fn=_friendly(on_pick), inputs=name, outputs=[refs, summary, loss, vals, confirm_row, msg],
+    show = dict(fn=_friendly(on_pick, 6), inputs=name, outputs=[refs, summary, loss, vals, confirm_row, msg],
                 show_progress="hidden")
     name.change(**show)
-    rename.click(_friendly(on_rename), [name, new_name], [name, msg])
-    delete.click(_friendly(on_delete), name, [confirm_row, confirm_text])
+    rename.click(_friendly(on_rename, 2), [name, new_name], [name, msg])
+    delete.click(_friendly(on_delete, 3), name, [confirm_row, confirm_text, msg])
     keep.click(lambda: gr.Row(visible=False), None, confirm_row)
-    confirm.click(_friendly(on_confirm), name, [name, confirm_row, msg])
-    zip_button.click(_friendly(on_zip), name, [zip_file, msg])
+    confirm.click(_friendly(on_confirm, 3), name, [name, confirm_row, msg])
+    zip_button.click(_friendly(on_zip, 2), name, [zip_file, msg])
     return {"name": name, "show": show}
 
 

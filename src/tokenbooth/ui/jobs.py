@@ -196,7 +196,8 @@ class JobQueue:
 
     def active(self, name: str) -> bool:
         with self._lock:
-            return (self._running is not None and self._running.name == name) or any(j.name == name for j in self._waiting)
+            running = self._running is not None and self._running.name == name
+            return running or any(j.name == name for j in self._waiting)
 
     def unfinished(self) -> list[str]:
         """Subjects whose training stopped before its end and can be resumed, newest first."""

@@ -21,13 +21,14 @@ SETTINGS_SHOWN = ("backbone", "class_name", "placeholder", "stages", "layers", "
 
 
 def focus_job(queue: JobQueue) -> Job | None:
-    """The job the Personalize tab shows: the running one, else the latest to have changed."""
+    """The job the Personalize tab shows: the running one, else the last one to end (its result or error stays
+    in view; the waiting ones are listed below it), else the newest."""
     running = queue.running()
     if running is not None:
         return Job.load(queue.workspace, running.name) or running
-    jobs = [Job.load(queue.workspace, s.name) for s in queue.workspace.subjects()]
-    jobs = [j for j in jobs if j is not None]
-    return max(jobs, key=lambda j: j.finished or j.started or j.created, default=None)
+    jobs = [j for j in (Job.load(queue.workspace, s.name) for s in queue.workspace.subjects()) if j is not None]
+    ended = [j for j in jobs if j.state != "queued"]
+    return max(ended or jobs, key=lambda j: j.finished or j.started or j.created, default=None)
 
 
 def job_html(queue: JobQueue, job: Job | None) -> str:
@@ -36,7 +37,7 @@ def job_html(queue: JobQueue, job: Job | None) -> str:
     if job is None:
         parts.append("<p class='tb-muted'>No training yet: drop pictures above and press Start.</p>")
     else:
-        subject = _subject_or_none(queue.workspace, job.name)
+        subject = subject_or_none(queue.workspace, job.name)
         parts.append(f"<h3 class='tb-job-title'>{html.escape(job.name)}: "
                      f"<span class='tb-state tb-{job.state}'>{STATE_WORDS.get(job.state, job.state)}</span></h3>")
         if job.error:
@@ -102,7 +103,7 @@ def subject_summary(subject: Subject, queue: JobQueue) -> str:
     return "\n".join(lines)
 
 
-def _subject_or_none(workspace: Workspace, name: str) -> Subject | None:
+def subject_or_none(workspace: Workspace, name: str) -> Subject | None:
     try:
         return workspace.subject(name)
     except UserError:
