@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
-TIMEOUT_MS = 120_000
+TIMEOUT_MS = 240_000  # generous for a loaded CI machine; a normal run takes under a minute
 
 
 def free_port() -> int:
@@ -50,6 +50,11 @@ def served_app(workspace: Path):
                 raise RuntimeError(f"the app exited: {(workspace.parent / 'server.log').read_text()[-2000:]}")
             time.sleep(0.3)
         yield f"http://127.0.0.1:{port}/"
+    except BaseException:
+        print("server log (tail):\n" + (workspace.parent / "server.log").read_text(errors="replace")[-3000:])
+        for train_log in workspace.glob("subjects/*/train.log"):
+            print(f"{train_log} (tail):\n" + train_log.read_text(errors="replace")[-2000:])
+        raise
     finally:
         server.terminate()
         server.wait(30)
