@@ -114,9 +114,10 @@ def test_train_flags_reproduce_every_setting_through_the_real_parser():
 
     cfg = TrainConfig.for_family("mini", class_name="robot", stage1_steps=7, stage2_lr=1e-3, layers="lora",
                                  prior_preservation=True, validation_prompts=["a [V] robot", "a [V] robot, red"])
+    from tokenbooth.commands.train import given_settings
+
     args = build_parser().parse_args(["train", "--images", "x", "--output", "y", *train_flags(cfg)])
-    for name, value in vars(cfg).items():
-        assert getattr(args, name) == value, name
+    assert TrainConfig.for_family("mini", **given_settings(args)) == cfg  # what `train` builds from the flags
 
 
 # --- the queue ---------------------------------------------------------------------------------------------

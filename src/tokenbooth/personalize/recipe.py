@@ -77,9 +77,13 @@ class TrainConfig:
 
     @property
     def plan(self) -> list[tuple[str, int]]:
-        """(stage, steps) in order. Joint trains both for the two stages' steps together."""
-        steps = {"embedding": self.stage1_steps, "layers": self.stage2_steps, "joint": self.stage1_steps + self.stage2_steps}
-        return [(s, steps[s]) for s in STAGE_PLANS[self.stages]]
+        return stage_plan(self.stages, self.stage1_steps, self.stage2_steps)
+
+
+def stage_plan(stages: str, stage1_steps: int, stage2_steps: int) -> list[tuple[str, int]]:
+    """(stage, steps) in order. Joint trains both for the two stages' steps together."""
+    steps = {"embedding": stage1_steps, "layers": stage2_steps, "joint": stage1_steps + stage2_steps}
+    return [(s, steps[s]) for s in STAGE_PLANS[stages]]
 
 
 COUNTS = ("stage1_steps", "stage2_steps", "batch_size", "lora_rank", "lora_every", "checkpointing_steps",

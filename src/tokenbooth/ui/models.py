@@ -41,10 +41,12 @@ def family_of(model: str) -> str | None:
         return "janus-pro"
     if model in chameleon.PRESETS:
         return "lumina-mgpt"
-    spec = Path(BUILTIN.get(model, model)) / "tokenbooth.json"
+    folder = Path(BUILTIN.get(model, model))
     try:
-        return json.loads(spec.read_text()).get("family")
-    except (OSError, json.JSONDecodeError):
+        if json.loads((folder / "config.json").read_text()).get("model_type") == "janus":
+            return "janus-pro"
+        return json.loads((folder / "tokenbooth.json").read_text()).get("family")
+    except (OSError, json.JSONDecodeError, AttributeError):
         return None
 
 
@@ -54,7 +56,7 @@ def sampling_defaults(model: str, subject: Subject | None = None) -> SamplingCon
     known = {f.name for f in fields(SamplingConfig)}
     recorded = subject.adapter_config().get("sampling", {}) if subject is not None else {}
     overrides = {k: v for k, v in recorded.items() if k in known}
-    return SamplingConfig.for_family(family, **overrides) if family else SamplingConfig(**overrides)
+    return SamplingConfig.for_family(family or "lumina-mgpt", **overrides)  # an unknown folder: the paper's
 
 
 def base_prompt(prompt: str, placeholder: str) -> str:

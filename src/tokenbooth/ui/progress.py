@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..personalize.recipe import TrainConfig
+from ..personalize.recipe import stage_plan
 
 RECENT = 20  # steps whose mean duration predicts the rest
 
@@ -27,8 +27,7 @@ def stage_progress(run_config: dict, records: list[dict]) -> list[StageProgress]
     (stage 2 trains more parameters, so its steps are slower than stage 1's)."""
     if not run_config:
         return []
-    known = {k: v for k, v in run_config.items() if k in TrainConfig.__dataclass_fields__}
-    plan = TrainConfig(**{"class_name": None, **known}).plan
+    plan = stage_plan(run_config["stages"], run_config["stage1_steps"], run_config["stage2_steps"])
     done_total = len(records)
     recent = [r["seconds"] for r in records[-RECENT:] if "seconds" in r]
     per_step = sum(recent) / len(recent) if recent else None

@@ -26,8 +26,8 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import UserError
 from ..io import atomic_path
 from ..personalize.adapter import CONFIG as ADAPTER_CONFIG
-from ..personalize.data import IMAGE_SUFFIXES
-from ..personalize.run import RUN_CONFIG
+from ..images import IMAGE_SUFFIXES
+from ..personalize.recipe import RUN_FILE as RUN_CONFIG
 
 MAX_IMAGES = 10  # reference pictures per subject: the paper uses 3-5, DreamBench subjects have 4-6
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # per upload; phone photos are 2-10 MB
@@ -103,7 +103,10 @@ class Subject:
 
     def run_config(self) -> dict:
         """The training settings: the adapter's when finished, the run's (train_config.json) before."""
-        return self.adapter_config() if self.finished else _read_json(self.folder / RUN_CONFIG)
+        if self.finished:
+            return self.adapter_config()
+        run = _read_json(self.folder / RUN_CONFIG)
+        return run.get("config", run)  # {"config": TrainConfig fields, "source": ...}
 
     def job(self) -> dict:
         return _read_json(self.folder / JOB_FILE)
