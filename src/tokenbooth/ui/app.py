@@ -300,7 +300,7 @@ def _generate_tab(app: TokenboothApp) -> dict:
                 cfg = gr.Number(label="CFG scale", info="classifier-free guidance", elem_id="cfg")
                 top_k = gr.Number(label="Top-k", precision=0, minimum=1, elem_id="top-k")
             sampler = gr.Radio(["plain", "sjd"], value="plain", label="Sampler",
-                               info="sjd: speculative Jacobi decoding, the same images in fewer passes")
+                               info="sjd: speculative Jacobi decoding, the same distribution in fewer passes")
             compare = gr.Checkbox(label="Also draw the base model with the same seed, side by side",
                                   elem_id="compare")
             go = gr.Button("Generate", variant="primary", elem_id="generate")
