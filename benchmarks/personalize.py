@@ -23,7 +23,6 @@ import torch
 from tokenbooth.backbones import load_backbone
 from tokenbooth.io import atomic_write_json
 from tokenbooth.personalize import TrainConfig, load_reference_images, train
-from tokenbooth.personalize.defaults import defaults_for
 from tokenbooth.personalize.recipe import Placeholder, batch_loss, make_batch, reference_tokens
 from tokenbooth.vq import pil_to_tensor
 from tokenbooth.toyworld import demo_subject
@@ -38,7 +37,7 @@ def peak_rss_mb() -> float:
 def seconds_per_step(model: str, images, steps: int, **overrides) -> float:
     """Runs a one-stage personalization of `steps` steps and returns its mean step time (first step excluded)."""
     backbone = load_backbone(model)
-    cfg = TrainConfig(class_name="robot", **{**defaults_for(backbone.family), **overrides})
+    cfg = TrainConfig.for_family(backbone.family, class_name="robot", **overrides)
     with tempfile.TemporaryDirectory() as out:
         train(backbone, images, cfg, Path(out), progress=False)
         import json
@@ -51,7 +50,7 @@ def seconds_per_step(model: str, images, steps: int, **overrides) -> float:
 def caching_speedup(model: str, images, steps: int) -> tuple[float, float]:
     """(seconds per step re-encoding the batch's images, seconds per step with cached tokens)."""
     backbone = load_backbone(model)
-    cfg = TrainConfig(class_name="robot", **defaults_for(backbone.family))
+    cfg = TrainConfig.for_family(backbone.family, class_name="robot")
     gen = torch.Generator().manual_seed(0)
     placeholder = Placeholder(backbone, cfg, gen)
     optimizer = torch.optim.AdamW([placeholder.embedding], lr=cfg.stage1_lr)
@@ -97,7 +96,7 @@ def main() -> None:
         memory[name] = peak_rss_mb()
     t0 = time.perf_counter()
     backbone = load_backbone(args.model)
-    cfg = TrainConfig(class_name="robot", **defaults_for(backbone.family))
+    cfg = TrainConfig.for_family(backbone.family, class_name="robot")
     with tempfile.TemporaryDirectory() as out:
         train(backbone, images, cfg, Path(out), progress=False)
     end_to_end = time.perf_counter() - t0

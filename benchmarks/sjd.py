@@ -26,9 +26,8 @@ import torch
 from tokenbooth.backbones import load_backbone
 from tokenbooth.errors import UserError
 from tokenbooth.io import atomic_save_image, atomic_write_json
-from tokenbooth.sampling import SamplingConfig, SamplingStats
-from tokenbooth.sampling.sampler import sample_image_body
-from tokenbooth.sampling.sjd import DEFAULT_WINDOW, INITS, SJDStats, sample_image_body_sjd
+from tokenbooth.sampling import SamplingConfig, SamplingStats, draw_codes
+from tokenbooth.sampling.sjd import DEFAULT_WINDOW, INITS, SJDStats
 from tokenbooth.toyworld import caption, pretraining_scene
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,9 +38,9 @@ def prompts(n: int) -> list[str]:
     return [caption(pretraining_scene(FIRST_UNSEEN_SCENE + i), random.Random(i)) for i in range(n)]
 
 
-def timed(fn, backbone, prompt, cfg, stats, **kw) -> float:
+def timed(backbone, prompt, cfg, stats) -> float:
     t0 = time.perf_counter()
-    fn(backbone, [prompt], cfg, stats=stats, **kw)
+    draw_codes(backbone, [prompt], cfg, stats=stats)
     return time.perf_counter() - t0
 
 
@@ -52,12 +51,16 @@ def run(args) -> dict:
     if len(windows) < len(args.windows):
         print(f"windows above the image body ({body} tokens) skipped", file=sys.stderr)
     texts = prompts(args.images)
-    base = SamplingConfig(cfg_scale=args.cfg, image_top_k=args.top_k)
-    cfg_of = lambda i: SamplingConfig(**{**base.to_dict(), "seed": args.seed + i})  # noqa: E731
-    sample_image_body(backbone, texts[:1], cfg_of(0))  # warm-up: first calls pay for allocations
+    given = {"cfg_scale": args.cfg, "image_top_k": args.top_k}
+    base = SamplingConfig.for_family(backbone.family, **{k: v for k, v in given.items() if v is not None})
+
+    def cfg_of(i: int, **sampler) -> SamplingConfig:
+        return SamplingConfig(**{**base.to_dict(), "sampler": "plain", "seed": args.seed + i, **sampler})
+
+    draw_codes(backbone, texts[:1], cfg_of(0))  # warm-up: first calls pay for allocations
 
     plain = SamplingStats()
-    plain_seconds = sum(timed(sample_image_body, backbone, t, cfg_of(i), plain) for i, t in enumerate(texts))
+    plain_seconds = sum(timed(backbone, t, cfg_of(i), plain) for i, t in enumerate(texts))
     plain_row = {"passes_per_image": plain.forward_passes / args.images,
                  "seconds_per_image": plain_seconds / args.images}
     print(f"plain: {plain_row['passes_per_image']:.1f} passes, {plain_row['seconds_per_image']:.3f} s per image",
@@ -67,8 +70,8 @@ def run(args) -> dict:
     for init in args.inits:
         for window in windows:
             stats = SJDStats()
-            seconds = sum(timed(sample_image_body_sjd, backbone, t, cfg_of(i), stats, window=window, init=init)
-                          for i, t in enumerate(texts))
+            sjd = dict(sampler="sjd", sjd_window=window, sjd_init=init)
+            seconds = sum(timed(backbone, t, cfg_of(i, **sjd), stats) for i, t in enumerate(texts))
             row = {
                 "init": init, "window": window,
                 "passes_per_image": stats.forward_passes / args.images,
@@ -87,7 +90,8 @@ def run(args) -> dict:
     return {
         "model": args.model, "images": args.images, "threads": torch.get_num_threads(),
         "image_tokens": backbone.layout.rows * backbone.layout.cols, "body_length": body,
-        "sampling": {k: v for k, v in base.to_dict().items() if k != "seed"}, "first_seed": args.seed,
+        "sampling": {k: v for k, v in base.to_dict().items() if k not in ("seed", "sampler", "sjd_window", "sjd_init")},
+        "first_seed": args.seed,
         "step_compression": default["step_compression"], "latency_speedup": default["latency_speedup"],
         "default_setting": {"init": default["init"], "window": default["window"]},
         "best": {k: best[k] for k in ("init", "window", "step_compression", "latency_speedup")},
@@ -168,8 +172,8 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=8, help="images per setting (each drawn alone)")
     ap.add_argument("--windows", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
-    ap.add_argument("--cfg", type=float, default=4.0)
-    ap.add_argument("--top-k", type=int, default=2000)
+    ap.add_argument("--cfg", type=float, default=None, help="guidance (default: the model family's)")
+    ap.add_argument("--top-k", type=int, default=None, help="image top-k (default: the model family's)")
     ap.add_argument("--seed", type=int, default=0, help="image i uses seed + i, for every sampler")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the issue's target: 2 CPU cores)")
     ap.add_argument("--out", type=Path, default=RESULTS)

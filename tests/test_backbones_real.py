@@ -260,7 +260,7 @@ def test_lumina_image_round_trip_and_generated_layout(lumina):
     codes = lumina.encode_images(torch.rand(2, 3, LUMINA_RES, LUMINA_RES) * 2 - 1)
     assert codes.shape == (2, 4, 4) and lumina.decode_images(codes).shape == (2, 3, LUMINA_RES, LUMINA_RES)
     tok = lumina.tokenizer
-    body = sample_image_body(lumina, ["a red robot"], SamplingConfig(seed=0))[0].tolist()
+    body = sample_image_body(lumina, ["a red robot"], SamplingConfig.for_family("lumina-mgpt", seed=0))[0].tolist()
     image_ids = set(lumina.layout.image_token_ids.tolist())
     rows = [body[i * 5: i * 5 + 5] for i in range(4)]
     assert all(r[-1] == tok.token_to_id("<reserved08799>") and set(r[:-1]) <= image_ids for r in rows)
@@ -413,7 +413,7 @@ def test_janus_image_round_trip_and_generated_layout(janus):
     codes = janus.encode_images(torch.rand(2, 3, JANUS_RES, JANUS_RES) * 2 - 1)
     assert codes.shape == (2, 8, 8) and int(codes.max()) < 32
     assert janus.decode_images(codes).shape == (2, 3, JANUS_RES, JANUS_RES)
-    body = sample_image_body(janus, ["a red robot", "a cup"], SamplingConfig(seed=0))
+    body = sample_image_body(janus, ["a red robot", "a cup"], SamplingConfig(cfg_scale=4.0, image_top_k=2000, seed=0))
     image_ids = set(janus.layout.image_token_ids.tolist())
     assert set(body[:, :64].flatten().tolist()) <= image_ids
     assert body[:, 64].tolist() == [janus.tokenizer.token_to_id("<end_of_image>")] * 2
@@ -424,7 +424,7 @@ def test_janus_greedy_cfg_sampling_matches_transformers_janus_generate(tmp_path)
 
     folder = write_janus_folder(tmp_path / "peaked", peaked=True, dtype=torch.float32)
     janus = load_backbone(str(folder))
-    ours = sample_image_tokens(janus, ["a red robot"], SamplingConfig(seed=0, image_top_k=1, cfg_scale=5.0))
+    ours = sample_image_tokens(janus, ["a red robot"], SamplingConfig.for_family("janus-pro", seed=0, image_top_k=1, cfg_scale=5.0))
     prompt = torch.tensor([janus.prompt_ids("a red robot")])
     theirs = janus.model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_mode="image",
                                   generation_config=GenerationConfig(

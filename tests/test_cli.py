@@ -18,7 +18,7 @@ def test_generate_writes_images_grid_and_a_sidecar_with_every_setting(tiny_model
     assert sorted(p.name for p in out.iterdir()) == ["generate.json", "grid.png", "image-000.png", "image-001.png",
                                                      "image-002.png"]
     meta = json.loads((out / "generate.json").read_text())
-    assert meta["prompt"] == "a red robot on the beach" and meta["seed"] == 7 and meta["cfg_scale"] == 4.0
+    assert meta["prompt"] == "a red robot on the beach" and meta["seed"] == 7 and meta["cfg_scale"] == 1.5  # the tiny model is of the mini family
     assert meta["image_top_k"] == 2000 and meta["model"] == str(tiny_model_dir) and "tokenbooth_version" in meta
 
 
@@ -92,3 +92,35 @@ def test_version_and_help():
     for flag in ("--version", "--help"):
         proc = subprocess.run([sys.executable, "-m", "tokenbooth", flag], capture_output=True, text=True)
         assert proc.returncode == 0 and "tokenbooth" in proc.stdout
+
+
+def test_a_failed_generate_leaves_no_output_folder(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "new" / "out"
+    code, _, err = run(capsys, "generate", "a red robot " * 200, "--model", str(tiny_model_dir), "--out", str(out))
+    assert code != 0 and "prompt too long" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_help_shows_each_familys_default_where_the_family_decides(capsys):
+    from tokenbooth.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "lumina-mgpt 4.0 (paper), janus-pro 5.0, mini 1.5" in text and "lumina-mgpt 2000 (paper)" in text
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "lumina-mgpt 1500 (paper), janus-pro 1500, mini 250" in text and "lumina-mgpt 5e-06 (paper)" in text
+
+
+def test_transformers_is_pinned_to_the_range_the_tests_run_on():
+    import re
+    from pathlib import Path
+
+    import transformers
+    from packaging.specifiers import SpecifierSet
+
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    spec = SpecifierSet(re.search(r'"transformers([^"]+)"', pyproject).group(1))
+    assert transformers.__version__ in spec and "5.40" not in spec  # deprecations announced for 5.40

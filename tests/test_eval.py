@@ -337,6 +337,38 @@ def test_score_any_folder_against_references(encoders, tmp_path, capsys):
     assert len(saved["real"]) == 3 and "real images" in stdout
 
 
+def test_score_on_generates_output_scores_the_images_it_drew_not_the_grid(encoders, tmp_path, capsys):
+    from tokenbooth.images import make_grid
+
+    gen, refs = tmp_path / "gen", tmp_path / "refs"
+    gen.mkdir(), refs.mkdir()
+    for i, im in enumerate(toy_images(2, instance=0)):
+        im.save(refs / f"{i}.png")
+    drawn = toy_images(2, instance=1)
+    for i, im in enumerate(drawn):
+        im.save(gen / f"image-{i:03d}.png")
+    make_grid(drawn).save(gen / "grid.png")
+    (gen / "generate.json").write_text(json.dumps({"prompt": "a [V] robot", "images": ["image-000.png",
+                                                                                        "image-001.png"]}))
+    (tmp_path / "prompts.txt").write_text("a [V] robot\na [V] robot on the grass\n")  # one line per drawn image
+    out = tmp_path / "scores.json"
+    code, _, err = run_cli(capsys, "score", "--images", gen, "--references", refs, "--prompts", tmp_path / "prompts.txt",
+                           "--dino", encoders["dino-pth"], "--clip", encoders["clip-hf"], "--output", out)
+    assert code == 0, err
+    assert [r["file"] for r in json.loads(out.read_text())["images"]] == ["image-000.png", "image-001.png"]
+
+
+def test_an_unwritable_score_output_is_refused_before_any_encoder_loads(tmp_path, capsys):
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    toy_images(1)[0].save(gen / "0.png")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run_cli(capsys, "score", "--images", gen, "--references", gen, "--prompt", "a robot",
+                           "--dino", tmp_path / "no-dino", "--output", blocker / "scores.json")
+    assert code == 1 and "cannot create --output file" in err  # not the missing --dino, found only later
+
+
 # --- DreamBench ---------------------------------------------------------------------------------------------
 
 PROMPTS_AND_CLASSES = """Classes
@@ -408,7 +440,7 @@ def _break(dataset: Path, how: str) -> None:
 @pytest.mark.parametrize("how,message", [
     ("no prompts file", "prompts_and_classes.txt is missing"),
     ("no subject folder", "subject teddy (listed in prompts_and_classes.txt) has no folder"),
-    ("no images", "subject teddy has no images"),
+    ("no images", "no images in subject teddy's folder"),
     ("unreadable image", "cannot read image"),
     ("no live prompts", "no 'Live Subject Prompts' section"),
     ("bad class line", "expected 'subject_name,class'"),
@@ -418,6 +450,19 @@ def test_a_dataset_in_the_wrong_layout_stops_with_one_line(tmp_path, capsys, how
     _break(dataset, how)
     code, _, err = run_cli(capsys, "eval", "dreambench", "--data", dataset, "--output", tmp_path / "out")
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_dreambench_list_shows_subjects_classes_images_and_prompts_without_loading_a_model(tmp_path, capsys,
+                                                                                           monkeypatch):
+    import tokenbooth.backbones as backbones
+
+    monkeypatch.setattr(backbones, "load_backbone", lambda *a, **k: pytest.fail("--list loaded a model"))
+    dataset = make_dreambench(tmp_path / "dataset")
+    code, stdout, err = run_cli(capsys, "eval", "dreambench", "--data", dataset, "--list", "--subjects", "teddy,cat2")
+    assert code == 0, err
+    assert "2 subject(s)" in stdout and "teddy: class teddy, 3 image(s)" in stdout and "cat2: class cat" in stdout
+    assert "a [V] {class} in the jungle" in stdout and "a [V] {class} wearing a red hat" in stdout
+    assert not (tmp_path / "runs").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
 
 
 def bench_args(dataset, model, encoders, out, *extra):
@@ -504,3 +549,110 @@ def test_accelerate_launch_shares_subjects_between_two_processes(tiny_model_dir,
         assert len(log) == 2
     assert result.stdout.count("tables written to") == 1
     assert len((out / "per_subject.csv").read_text().splitlines()) == 4
+
+
+# --- DreamBench's numbers, recomputed outside tokenbooth's metric code ------------------------------------
+
+def by_hand_pixels(image: Image.Image, resize: int, crop: int, mean, std) -> torch.Tensor:
+    """torchvision's Resize(resize, BICUBIC) + CenterCrop(crop) + ToTensor + Normalize, written out again."""
+    import numpy as np
+
+    w, h = image.size
+    size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+    image = image.convert("RGB").resize(size, Image.BICUBIC)
+    left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+    x = torch.from_numpy(np.array(image.crop((left, top, left + crop, top + crop)))).permute(2, 0, 1) / 255.0
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+class ByHand:
+    """DINO's CLS feature and CLIP's projected features from the transformers models themselves."""
+
+    def __init__(self, encoders):
+        from transformers import CLIPModel, CLIPTokenizer, ViTModel
+
+        self.dino = ViTModel.from_pretrained(encoders["dino-hf"], add_pooling_layer=False).eval()
+        self.clip = CLIPModel.from_pretrained(encoders["clip-hf"]).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(encoders["clip-hf"])
+
+    @torch.no_grad()
+    def features(self, paths) -> dict[str, torch.Tensor]:
+        images = [Image.open(p).convert("RGB") for p in paths]
+        dino = torch.stack([by_hand_pixels(im, 256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+                            for im in images])
+        clip = torch.stack([by_hand_pixels(im, 224, 224, (0.48145466, 0.4578275, 0.40821073),
+                                           (0.26862954, 0.26130258, 0.27577711)) for im in images])
+        d = self.dino(pixel_values=dino).last_hidden_state[:, 0]
+        c = self.clip.visual_projection(self.clip.vision_model(pixel_values=clip).pooler_output)
+        return {"dino": torch.nn.functional.normalize(d, dim=-1), "clip_i": torch.nn.functional.normalize(c, dim=-1)}
+
+    @torch.no_grad()
+    def text_features(self, texts) -> torch.Tensor:
+        tokens = self.tokenizer(texts, padding=True, return_tensors="pt")
+        t = self.clip.text_projection(self.clip.text_model(**tokens).pooler_output)
+        return torch.nn.functional.normalize(t, dim=-1)
+
+
+def by_hand_scores(by_hand: ByHand, out: Path, dataset: Path, name: str) -> dict:
+    """One subject's similarity matrices: generated x references, references x references, CLIP-T per image."""
+    scores = json.loads((out / "subjects" / name / "scores.json").read_text())
+    generated = [out / "subjects" / name / row["file"] for row in scores["images"]]
+    references = sorted((dataset / name).glob("*.jpg"))
+    gen, ref = by_hand.features(generated), by_hand.features(references)
+    texts = [" ".join(row["prompt"].replace("[V]", " ").split()) for row in scores["images"]]
+    clip_t = (gen["clip_i"] * by_hand.text_features(texts)).sum(-1)
+    return {"pairs": {m: gen[m] @ ref[m].T for m in ("dino", "clip_i")},
+            "real": {m: ref[m] @ ref[m].T for m in ("dino", "clip_i")}, "clip_t": clip_t}
+
+
+def by_hand_overall(subjects: list[dict], protocol: str) -> dict:
+    out = {}
+    for m in ("dino", "clip_i"):
+        pairs = [s["pairs"][m] for s in subjects]
+        others = [s["real"][m][~torch.eye(len(s["real"][m]), dtype=torch.bool)] for s in subjects]
+        if protocol == "paper":  # per image over references, per subject over images, then over subjects
+            out[m] = torch.stack([p.mean(1).mean() for p in pairs]).mean().item()
+            out["real_" + m] = torch.stack([o.mean() for o in others]).mean().item()
+        else:  # every pair of the benchmark at once
+            out[m] = torch.cat([p.flatten() for p in pairs]).mean().item()
+            out["real_" + m] = torch.cat(others).mean().item()
+    per_subject = [s["clip_t"].mean() for s in subjects]
+    pooled = torch.cat([s["clip_t"] for s in subjects])
+    out["clip_t"] = (torch.stack(per_subject).mean() if protocol == "paper" else pooled.mean()).item()
+    return out
+
+
+def test_dreambench_numbers_match_a_computation_by_hand_under_both_protocols(tiny_model_dir, encoders, tmp_path,
+                                                                            capsys):
+    dataset, out = make_dreambench(tmp_path / "dataset"), tmp_path / "run"
+    (dataset / "cat2" / "02.jpg").unlink()  # 2 references against 3: the protocols weigh subjects differently
+    args = ["eval", "dreambench", "--data", dataset, "--model", tiny_model_dir, "--dino", encoders["dino-hf"],
+            "--clip", encoders["clip-hf"], "--output", out, "--stage1-steps", "1", "--stage2-steps", "1",
+            "--batch-size", "1", "--subjects", "red_robot,cat2"]
+    code, _, err = run_cli(capsys, *args, "--protocol", "all-pairs", "--images-per-prompt", "2")
+    assert code == 0, err
+    by_hand = ByHand(encoders)
+    subjects = [by_hand_scores(by_hand, out, dataset, name) for name in ("red_robot", "cat2")]
+    assert [s["pairs"]["dino"].shape for s in subjects] == [(4, 3), (4, 2)]
+
+    def check(protocol):
+        overall = json.loads((out / "overall.json").read_text())
+        assert overall["protocol"] == protocol
+        real, model = overall["rows"]
+        expected = by_hand_overall(subjects, protocol)
+        for m in ("dino", "clip_i"):
+            assert model[m] == pytest.approx(expected[m], abs=1e-5), (protocol, m)
+            assert real[m] == pytest.approx(expected["real_" + m], abs=1e-5), (protocol, "real", m)
+        assert model["clip_t"] == pytest.approx(expected["clip_t"], abs=1e-5), protocol
+        return expected
+
+    pooled = check("all-pairs")
+    code, _, err = run_cli(capsys, *args, "--protocol", "paper", "--images-per-prompt", "2")  # tables only
+    assert code == 0, err
+    paper = check("paper")
+    assert abs(pooled["real_dino"] - paper["real_dino"]) > 1e-4  # the two protocols really differ here
+    rows = {r["subject"]: r for r in json.loads((out / "per_subject.json").read_text())["rows"]}
+    for name, s in zip(("red_robot", "cat2"), subjects):
+        for m in ("dino", "clip_i"):
+            assert rows[name][m] == pytest.approx(s["pairs"][m].mean().item(), abs=1e-5)
+        assert rows[name]["clip_t"] == pytest.approx(s["clip_t"].mean().item(), abs=1e-5)

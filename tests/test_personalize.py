@@ -50,8 +50,11 @@ def params_of(backbone):
 
 
 def changed(before, backbone):
-    after = dict(backbone.model.named_parameters())
-    return {k for k in before if k in after and not torch.equal(before[k], after[k].detach())}
+    """Names (as before training) of the parameters that differ now. LoRA wraps a projection and renames its
+    weight `...q_proj.base_layer.weight`: that is still the base weight and is compared under its old name."""
+    after = {k.replace(".base_layer.", "."): v for k, v in backbone.model.named_parameters() if ".lora_" not in k}
+    assert after.keys() == before.keys(), "parameters appeared or disappeared"
+    return {k for k in before if not torch.equal(before[k], after[k].detach())}
 
 
 def test_stage1_changes_only_the_placeholder_row(fresh, refs, tmp_path):
@@ -106,7 +109,7 @@ def test_a_saved_adapter_gives_the_same_images_as_the_trained_model(tiny_model_d
         trained.input_embeddings().weight[reloaded.tokenizer.token_to_id(reloaded.placeholder_token)] = \
             load_file(str(out / "learned_embeds.safetensors"))["[V]"]
     in_memory = PersonalizedBackbone(trained, "[V]", reloaded.placeholder_token)
-    cfg = SamplingConfig(seed=11, image_top_k=1)
+    cfg = SamplingConfig.for_family("mini", seed=11, image_top_k=1)
     a = sample_image_tokens(in_memory, ["a [V] robot on the beach"], cfg)
     b = sample_image_tokens(reloaded, ["a [V] robot on the beach"], cfg)
     assert torch.equal(a, b)
@@ -139,9 +142,18 @@ def test_an_adapter_for_another_base_is_refused(tiny_model_dir, refs, tmp_path):
         load_adapter(load_backbone(str(other)), out)
 
 
-def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(fresh, refs, tmp_path):
-    with pytest.raises(UserError, match="loss became nan"):
-        train(fresh, refs, quick(stage1_lr=float("inf"), checkpointing_steps=1), tmp_path / "nan", progress=False)
+def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(fresh, refs, tmp_path, monkeypatch):
+    from tokenbooth.personalize import recipe
+
+    calls, loss = [], recipe.batch_loss
+
+    def nan_from_step_2(*args):  # non-finite learning rates are refused up front, so the loss is made nan
+        calls.append(1)
+        return loss(*args) * (float("nan") if len(calls) > 1 else 1.0)
+
+    monkeypatch.setattr(recipe, "batch_loss", nan_from_step_2)
+    with pytest.raises(UserError, match=r"loss became nan at step 2.*last good checkpoint: .*step-1"):
+        train(fresh, refs, quick(checkpointing_steps=1), tmp_path / "nan", progress=False)
     assert not (tmp_path / "nan" / "adapter_config.json").exists()
 
 
@@ -242,7 +254,7 @@ def test_cli_resume_latest(tiny_model_dir, tmp_path, capsys):
     (["--class-name", "robot", "--layers", "no_such_module"], "matches no parameter"),
 ])
 def test_train_bad_settings(tiny_model_dir, tmp_path, capsys, extra, message):
-    refs_dir = subject_images(tmp_path / "refs", n=1)
+    refs_dir = subject_images(tmp_path / "refs", n=2)
     code, io = cli(capsys, "train", "--model", str(tiny_model_dir), "--images", str(refs_dir), "--output",
                    str(tmp_path / "o"), *extra)
     assert code != 0 and message in io.err and len(io.err.strip().splitlines()) == 1
@@ -288,17 +300,121 @@ def test_on_mini_stage1_loss_falls_and_stage2_lowers_it_further():
     import tempfile
     from pathlib import Path
 
-    from tokenbooth.personalize.defaults import defaults_for
     from tokenbooth.toyworld import demo_subject
 
     mini = load_backbone("mini")
     images = load_reference_images(demo_subject.FOLDER, mini.resolution)
-    settings = defaults_for("mini")  # the demo's run: 250 + 60 steps, about 40 s
     with tempfile.TemporaryDirectory() as out:
-        train(mini, images, TrainConfig(class_name="robot", **settings), Path(out), progress=False)
+        # the demo's run: mini's defaults, 250 + 60 steps, about 40 s
+        train(mini, images, TrainConfig.for_family(mini.family, class_name="robot"), Path(out), progress=False)
         log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
     stage1 = [r["loss"] for r in log if r["stage"] == "embedding"]
     stage2 = [r["loss"] for r in log if r["stage"] == "layers"]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert mean(stage1[-50:]) < mean(stage1[:20]) - 0.05  # [V] alone explains a little of the subject
     assert mean(stage2[-10:]) < mean(stage1[-50:]) - 0.3  # the layers joining explain much more
+
+
+# --- one source for each setting, and what a run records ------------------------------------------------
+
+def test_the_family_table_is_the_only_source_of_per_family_settings():
+    from tokenbooth.backbones.families import FAMILIES
+
+    with pytest.raises(TypeError):
+        TrainConfig(class_name="robot")  # no stage steps, rates or batch size of its own
+    with pytest.raises(TypeError):
+        SamplingConfig(seed=0)  # no guidance or top-k of its own
+    for family, row in FAMILIES.items():
+        assert {k: getattr(TrainConfig.for_family(family), k) for k in row.train} == row.train
+        assert {k: getattr(SamplingConfig.for_family(family), k) for k in row.sample} == row.sample
+
+
+def test_class_and_validation_images_are_drawn_with_the_familys_sampling_settings(fresh, refs, tmp_path,
+                                                                                   monkeypatch):
+    import sys
+
+    import tokenbooth.sampling as sampling
+
+    seen = []
+    real = sampling.draw_codes
+
+    def spy(backbone, prompts, cfg, *args, **kw):
+        seen.append(cfg)
+        return real(backbone, prompts, cfg, *args, **kw)
+
+    monkeypatch.setattr(sampling, "draw_codes", spy)  # class images
+    monkeypatch.setattr(sys.modules["tokenbooth.sampling.draw"], "draw_codes", spy)  # validation grids, via draw()
+    cfg = quick(stages="embedding", prior_preservation=True, num_class_images=2,
+                validation_prompts=["a [V] robot"], validation_steps=2, seed=3)
+    train(fresh, refs, cfg, tmp_path / "a", progress=False)
+    mini = SamplingConfig.for_family("mini", seed=3)
+    assert len(seen) >= 3 and all(c == mini for c in seen)  # class images, step-2 and final validation grids
+
+
+def test_an_adapter_records_its_sampling_settings_and_generate_uses_them_unless_a_flag_overrides(
+        tiny_model_dir, tmp_path, capsys):
+    import json
+
+    refs_dir = subject_images(tmp_path / "refs")
+    out = tmp_path / "adapter"
+    code, io = cli(capsys, "train", "--model", tiny_model_dir, "--images", refs_dir, "--class-name", "robot",
+                   "--output", out, "--stages", "embedding", "--stage1-steps", "1", "--batch-size", "1")
+    assert code == 0, io.err
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["sampling"] == SamplingConfig.for_family("mini").distribution()
+    config["sampling"].update(cfg_scale=2.5, temperature=0.7)  # as if it had been validated so
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    gen = lambda name, *flags: cli(capsys, "generate", "a [V] robot", "--model", tiny_model_dir, "--adapter", out,  # noqa: E731
+                                   "-n", "1", "--out", tmp_path / name, *flags)
+    assert gen("recorded")[0] == 0
+    used = json.loads((tmp_path / "recorded" / "generate.json").read_text())
+    assert used["cfg_scale"] == 2.5 and used["temperature"] == 0.7 and used["image_top_k"] == 2000
+    assert gen("flag", "--cfg", "3")[0] == 0
+    used = json.loads((tmp_path / "flag" / "generate.json").read_text())
+    assert used["cfg_scale"] == 3.0 and used["temperature"] == 0.7
+
+
+def test_resume_refuses_a_flag_that_would_change_the_run(tiny_model_dir, tmp_path, capsys):
+    refs_dir, other_refs = subject_images(tmp_path / "refs"), subject_images(tmp_path / "other", n=2)
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny_model_dir, "--images", refs_dir, "--class-name", "robot", "--output", out,
+            "--stages", "embedding", "--stage1-steps", "4", "--batch-size", "1", "--checkpointing-steps", "2"]
+    assert cli(capsys, *args)[0] == 0
+    shutil.rmtree(out / "checkpoints" / "step-4")
+    (out / "adapter_config.json").unlink()
+    for flag, value in (("--images", other_refs), ("--class-name", "teddy"), ("--stage1-steps", "9"),
+                        ("--seed", "1"), ("--flip", None)):
+        resumed = ["train", "--output", out, "--resume", flag, *([] if value is None else [value])]
+        code, io = cli(capsys, *resumed)
+        assert code == 1 and flag in io.err and "conflicts with the run" in io.err, io.err
+        assert len(io.err.strip().splitlines()) == 1 and not (out / "adapter_config.json").exists()
+    code, io = cli(capsys, "train", "--output", out, "--resume", "--stage1-steps", "4")  # agreeing is fine
+    assert code == 0, io.err
+    assert (out / "adapter_config.json").exists()
+
+
+def test_training_sequences_longer_than_the_context_are_refused_before_anything_is_written(tiny_model_dir,
+                                                                                          tmp_path, capsys):
+    refs_dir = subject_images(tmp_path / "refs")
+    code, io = cli(capsys, "train", "--model", tiny_model_dir, "--images", refs_dir, "--output", tmp_path / "o",
+                   "--class-name", "very big shiny metal robot " * 12)
+    assert code == 1 and "training sequences too long" in io.err and "context holds 160" in io.err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("layers,message", [("no_such_module", "matches no parameter"),
+                                            ("q_proj(", "not a regular expression")])
+def test_a_bad_layers_flag_leaves_nothing_behind(tiny_model_dir, tmp_path, capsys, layers, message):
+    refs_dir = subject_images(tmp_path / "refs")
+    code, io = cli(capsys, "train", "--model", tiny_model_dir, "--images", refs_dir, "--class-name", "robot",
+                   "--output", tmp_path / "o", "--layers", layers)
+    assert code == 1 and message in io.err and len(io.err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_single_surviving_reference_image_trains_with_a_warning(tmp_path, capsys):
+    folder = subject_images(tmp_path / "refs", n=2)
+    (folder / "ref1.png").write_bytes(b"broken")
+    images = load_reference_images(folder, 16)
+    err = capsys.readouterr().err
+    assert len(images) == 1 and "skipping ref1.png" in err and "only one usable image" in err

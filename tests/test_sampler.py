@@ -8,7 +8,7 @@ from tokenbooth.sampling.sampler import sample_image_body
 
 def test_sampled_sequences_follow_the_structure_rules(tiny_backbone):
     layout = tiny_backbone.layout
-    body = sample_image_body(tiny_backbone, ["a red robot", "a cup"], SamplingConfig(seed=1))
+    body = sample_image_body(tiny_backbone, ["a red robot", "a cup"], SamplingConfig.for_family("mini", seed=1))
     image_ids = set(layout.image_token_ids.tolist())
     for j in range(layout.body_length):
         forced = layout.forced_token(j)
@@ -20,9 +20,9 @@ def test_sampled_sequences_follow_the_structure_rules(tiny_backbone):
 
 
 def test_same_seed_same_image_and_other_seed_other_image(tiny_backbone):
-    a = sample_image_tokens(tiny_backbone, ["a red robot"] * 2, SamplingConfig(seed=3))
-    b = sample_image_tokens(tiny_backbone, ["a red robot"] * 2, SamplingConfig(seed=3))
-    c = sample_image_tokens(tiny_backbone, ["a red robot"] * 2, SamplingConfig(seed=4))
+    a = sample_image_tokens(tiny_backbone, ["a red robot"] * 2, SamplingConfig.for_family("mini", seed=3))
+    b = sample_image_tokens(tiny_backbone, ["a red robot"] * 2, SamplingConfig.for_family("mini", seed=3))
+    c = sample_image_tokens(tiny_backbone, ["a red robot"] * 2, SamplingConfig.for_family("mini", seed=4))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert not torch.equal(a[0], a[1])  # images of one batch differ too
@@ -31,13 +31,13 @@ def test_same_seed_same_image_and_other_seed_other_image(tiny_backbone):
 @pytest.mark.parametrize("kv_cache,batched_cfg", [(False, True), (True, False), (False, False)])
 def test_speedups_do_not_change_the_image(tiny_backbone, kv_cache, batched_cfg):
     prompts = ["a red robot on the beach, on the left", "a cup"]  # different lengths: left padding
-    fast = sample_image_tokens(tiny_backbone, prompts, SamplingConfig(seed=5))
-    slow = sample_image_tokens(tiny_backbone, prompts, SamplingConfig(seed=5, kv_cache=kv_cache, batched_cfg=batched_cfg))
+    fast = sample_image_tokens(tiny_backbone, prompts, SamplingConfig.for_family("mini", seed=5))
+    slow = sample_image_tokens(tiny_backbone, prompts, SamplingConfig.for_family("mini", seed=5, kv_cache=kv_cache, batched_cfg=batched_cfg))
     assert torch.equal(fast, slow)
 
 
 def test_a_padded_row_sees_what_it_would_see_alone(tiny_backbone):
-    cfg = SamplingConfig(seed=0, image_top_k=1)  # greedy: any logit difference would show
+    cfg = SamplingConfig.for_family("mini", seed=0, image_top_k=1)  # greedy: any logit difference would show
     together = sample_image_tokens(tiny_backbone, ["a red robot on the beach, on the left", "a cup"], cfg)
     alone = sample_image_tokens(tiny_backbone, ["a cup"], cfg)
     assert torch.equal(together[1], alone[0])
@@ -45,35 +45,34 @@ def test_a_padded_row_sees_what_it_would_see_alone(tiny_backbone):
 
 def test_structure_tokens_cost_no_forward_pass(tiny_backbone):
     stats = SamplingStats()
-    sample_image_tokens(tiny_backbone, ["a cup"], SamplingConfig(), stats=stats)
+    sample_image_tokens(tiny_backbone, ["a cup"], SamplingConfig.for_family("mini"), stats=stats)
     layout = tiny_backbone.layout
     assert stats.forward_passes == layout.rows * layout.cols  # one batched pass per image token
 
 
 def test_guidance_then_top_k_then_temperature():
-    ids = torch.arange(4)
     cond, uncond = torch.tensor([[2.0, 1.0, 0.0, -1.0]]), torch.tensor([[1.0, 1.0, 1.0, 1.0]])
-    p = image_token_distribution(cond, uncond, ids, SamplingConfig(cfg_scale=2.0, image_top_k=4))
+    p = image_token_distribution(cond, uncond, SamplingConfig.for_family("mini", cfg_scale=2.0, image_top_k=4))
     expected = torch.softmax(uncond + 2.0 * (cond - uncond), -1)
     assert torch.allclose(p, expected)
-    p = image_token_distribution(cond, uncond, ids, SamplingConfig(cfg_scale=2.0, image_top_k=2))
+    p = image_token_distribution(cond, uncond, SamplingConfig.for_family("mini", cfg_scale=2.0, image_top_k=2))
     assert (p[0, 2:] == 0).all() and torch.isclose(p.sum(), torch.tensor(1.0))
-    p = image_token_distribution(cond, None, ids, SamplingConfig(cfg_scale=1.0, image_top_k=4, top_p=0.5))
+    p = image_token_distribution(cond, None, SamplingConfig.for_family("mini", cfg_scale=1.0, image_top_k=4, top_p=0.5))
     assert p[0, 0] == 1.0  # the top token alone already holds half the mass
 
 
 def test_top_k_one_is_greedy_whatever_the_seed(tiny_backbone):
-    a = sample_image_tokens(tiny_backbone, ["a cup"], SamplingConfig(seed=1, image_top_k=1))
-    b = sample_image_tokens(tiny_backbone, ["a cup"], SamplingConfig(seed=2, image_top_k=1))
+    a = sample_image_tokens(tiny_backbone, ["a cup"], SamplingConfig.for_family("mini", seed=1, image_top_k=1))
+    b = sample_image_tokens(tiny_backbone, ["a cup"], SamplingConfig.for_family("mini", seed=2, image_top_k=1))
     assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("field,value", [("cfg_scale", -1.0), ("image_top_k", 0), ("top_p", 0.0), ("temperature", 0.0)])
 def test_bad_sampling_settings_are_refused(tiny_backbone, field, value):
     with pytest.raises(UserError):
-        sample_image_tokens(tiny_backbone, ["a cup"], SamplingConfig(**{field: value}))
+        sample_image_tokens(tiny_backbone, ["a cup"], SamplingConfig.for_family("mini", **{field: value}))
 
 
 def test_a_prompt_longer_than_the_context_is_refused(tiny_backbone):
     with pytest.raises(UserError, match="prompt too long"):
-        sample_image_tokens(tiny_backbone, ["a red robot " * 100], SamplingConfig())
+        sample_image_tokens(tiny_backbone, ["a red robot " * 100], SamplingConfig.for_family("mini"))

@@ -54,7 +54,7 @@ def micro():
 def exact_image_law(backbone, prompt: str, cfg: SamplingConfig) -> torch.Tensor:
     """P(codes) for every code tuple of the image, row-major, as plain AR sampling defines it: (K^cells,)."""
     layout = backbone.layout
-    K = len(layout.image_token_ids)
+    K = layout.codebook_size
     image_positions = [j for j in range(layout.body_length) if layout.forced_token(j) is None]
     cond, uncond = backbone.prompt_ids(prompt), backbone.unconditional_ids()
     law, tuples = torch.ones(1, dtype=torch.float64), [[]]
@@ -64,9 +64,9 @@ def exact_image_law(backbone, prompt: str, cfg: SamplingConfig) -> torch.Tensor:
             it = iter(codes)
             bodies.append([layout.forced_token(i) if layout.forced_token(i) is not None
                            else int(layout.image_token_ids[next(it)]) for i in range(j)])
-        cond_logits = backbone.logits(torch.tensor([cond + b for b in bodies]))[0][:, -1]
-        uncond_logits = backbone.logits(torch.tensor([uncond + b for b in bodies]))[0][:, -1]
-        p = image_token_distribution(cond_logits, uncond_logits, layout.image_token_ids, cfg).double()
+        cond_logits = backbone.image_logits(torch.tensor([cond + b for b in bodies]))[0][:, -1]
+        uncond_logits = backbone.image_logits(torch.tensor([uncond + b for b in bodies]))[0][:, -1]
+        p = image_token_distribution(cond_logits, uncond_logits, cfg).double()
         law = (law[:, None] * p).reshape(-1)
         tuples = [t + [c] for t in tuples for c in range(K)]
     return law
@@ -130,8 +130,8 @@ IMAGES = 12_000
 # Each sampler below is checked 5 times (the joint law of the 4 cells and each cell's marginal), 25 checks in
 # all; each must have p > ALPHA, so a correct sampler fails the file with probability below 25 * ALPHA = 0.25%.
 ALPHA = 1e-4
-GUIDED = SamplingConfig(cfg_scale=3.0, image_top_k=3)  # top-k 3 of 4: zero-probability drafts get rejected
-NUCLEUS = SamplingConfig(cfg_scale=1.0, top_p=0.9, temperature=1.2)
+GUIDED = SamplingConfig.for_family("mini", cfg_scale=3.0, image_top_k=3)  # top-k 3 of 4: zero-probability drafts get rejected
+NUCLEUS = SamplingConfig.for_family("mini", cfg_scale=1.0, top_p=0.9, temperature=1.2)
 
 
 @pytest.mark.parametrize("sampler,cfg,kw", [
@@ -139,7 +139,7 @@ NUCLEUS = SamplingConfig(cfg_scale=1.0, top_p=0.9, temperature=1.2)
     ("sjd", GUIDED, dict(window=2, init="random")),
     ("sjd", GUIDED, dict(window=3, init="above")),
     ("sjd", NUCLEUS, dict(window=7, init="random")),
-    ("sjd", SamplingConfig(cfg_scale=2.0, batched_cfg=False, kv_cache=False), dict(window=5, init="above")),
+    ("sjd", SamplingConfig.for_family("mini", cfg_scale=2.0, batched_cfg=False, kv_cache=False), dict(window=5, init="above")),
 ], ids=["plain", "sjd-random-L2", "sjd-above-L3", "sjd-nucleus-L7", "sjd-unbatched-nocache-L5"])
 def test_sjd_samples_follow_the_plain_sampling_law(micro, sampler, cfg, kw):
     law = exact_image_law(micro, PROMPT, cfg)
@@ -176,7 +176,7 @@ def test_the_check_fails_a_broken_acceptance_rule(micro, rule):
 @pytest.mark.parametrize("init", ["random", "above"])
 def test_same_seed_same_image_and_other_seed_other_image(tiny_backbone, init):
     def draw(seed):
-        return sample_image_body_sjd(tiny_backbone, ["a red robot"] * 2, SamplingConfig(seed=seed), window=8, init=init)
+        return sample_image_body_sjd(tiny_backbone, ["a red robot"] * 2, SamplingConfig.for_family("mini", seed=seed), window=8, init=init)
 
     a, b, c = draw(3), draw(3), draw(4)
     assert torch.equal(a, b)
@@ -187,7 +187,7 @@ def test_same_seed_same_image_and_other_seed_other_image(tiny_backbone, init):
 @pytest.mark.parametrize("init", ["random", "above"])
 def test_structure_tokens_sit_at_their_places(tiny_backbone, init):
     layout = tiny_backbone.layout
-    body = sample_image_body_sjd(tiny_backbone, ["a red robot", "a cup"], SamplingConfig(seed=1), window=16, init=init)
+    body = sample_image_body_sjd(tiny_backbone, ["a red robot", "a cup"], SamplingConfig.for_family("mini", seed=1), window=16, init=init)
     image_ids = set(layout.image_token_ids.tolist())
     for j in range(layout.body_length):
         forced = layout.forced_token(j)
@@ -198,18 +198,29 @@ def test_structure_tokens_sit_at_their_places(tiny_backbone, init):
 @pytest.mark.parametrize("window", [1, 5, 16, 73])
 @pytest.mark.parametrize("init", ["random", "above"])
 def test_greedy_sjd_is_greedy_plain_sampling_even_with_padded_rows(tiny_backbone, window, init):
-    cfg = SamplingConfig(seed=0, image_top_k=1)  # p is one-hot: any wrong conditional or stale cache shows
+    cfg = SamplingConfig.for_family("mini", seed=0, image_top_k=1)  # p is one-hot: any wrong conditional or stale cache shows
     prompts = ["a red robot on the beach, on the left", "a cup"]
     assert tiny_backbone.layout.body_length == 73
     assert torch.equal(sample_image_body_sjd(tiny_backbone, prompts, cfg, window=window, init=init),
                        sample_image_body(tiny_backbone, prompts, cfg))
 
 
+def test_draw_gives_the_same_greedy_codes_with_either_sampler(tiny_backbone):
+    from tokenbooth.sampling import draw_codes
+
+    prompts = ["a red robot on the beach, on the left", "a cup"]
+    plain = draw_codes(tiny_backbone, prompts, SamplingConfig.for_family("mini", seed=0, image_top_k=1))
+    stats = SJDStats()
+    sjd = draw_codes(tiny_backbone, prompts, SamplingConfig.for_family("mini", seed=0, image_top_k=1, sampler="sjd", sjd_window=8),
+                     stats=stats)
+    assert torch.equal(plain, sjd) and stats.forward_passes < tiny_backbone.layout.rows * tiny_backbone.layout.cols
+
+
 @pytest.mark.parametrize("kv_cache,batched_cfg", [(False, True), (True, False)])
 def test_speedups_do_not_change_the_sjd_image(tiny_backbone, kv_cache, batched_cfg):
     prompts = ["a red robot on the beach, on the left", "a cup"]
-    fast = sample_image_body_sjd(tiny_backbone, prompts, SamplingConfig(seed=5), window=6)
-    slow = sample_image_body_sjd(tiny_backbone, prompts, SamplingConfig(seed=5, kv_cache=kv_cache,
+    fast = sample_image_body_sjd(tiny_backbone, prompts, SamplingConfig.for_family("mini", seed=5), window=6)
+    slow = sample_image_body_sjd(tiny_backbone, prompts, SamplingConfig.for_family("mini", seed=5, kv_cache=kv_cache,
                                                                         batched_cfg=batched_cfg), window=6)
     assert torch.equal(fast, slow)
 
@@ -217,7 +228,7 @@ def test_speedups_do_not_change_the_sjd_image(tiny_backbone, kv_cache, batched_c
 def test_every_pass_fixes_at_least_one_token_per_image(tiny_backbone):
     layout = tiny_backbone.layout
     stats = SJDStats()
-    sample_image_body_sjd(tiny_backbone, ["a red robot", "a cup"], SamplingConfig(seed=2), window=16, stats=stats)
+    sample_image_body_sjd(tiny_backbone, ["a red robot", "a cup"], SamplingConfig.for_family("mini", seed=2), window=16, stats=stats)
     image_tokens = layout.rows * layout.cols
     assert sum(k * v for k, v in stats.tokens_per_pass.items()) == 2 * image_tokens
     assert min(stats.tokens_per_pass) >= 1 and max(stats.tokens_per_pass) <= 16 + 1
@@ -232,13 +243,13 @@ def test_every_pass_fixes_at_least_one_token_per_image(tiny_backbone):
 ])
 def test_bad_sjd_settings_are_refused(tiny_backbone, kw, message):
     with pytest.raises(UserError, match=message) as e:
-        sample_image_body_sjd(tiny_backbone, ["a cup"], SamplingConfig(), **kw)
+        sample_image_body_sjd(tiny_backbone, ["a cup"], SamplingConfig.for_family("mini"), **kw)
     assert "\n" not in str(e.value)
 
 
 def test_bad_sampling_settings_are_refused_by_sjd_too(tiny_backbone):
     with pytest.raises(UserError, match="--top-p"):
-        sample_image_body_sjd(tiny_backbone, ["a cup"], SamplingConfig(top_p=0.0), stats=SamplingStats())
+        sample_image_body_sjd(tiny_backbone, ["a cup"], SamplingConfig.for_family("mini", top_p=0.0), stats=SamplingStats())
 
 
 # --- the command line -----------------------------------------------------------------------------------
@@ -257,7 +268,7 @@ def test_the_plain_sampler_stays_the_default(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert run(capsys, "generate", "a cup", "--model", str(tiny_model_dir), "-n", "1", "--out", str(out))[0] == 0
     meta = json.loads((out / "generate.json").read_text())
-    assert meta["sampler"] == "plain" and "sjd_window" not in meta and meta["forward_passes"] == 64
+    assert meta["sampler"] == "plain" and meta["forward_passes"] == 64
 
 
 @pytest.mark.parametrize("extra,message", [

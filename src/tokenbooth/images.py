@@ -1,8 +1,46 @@
-"""Small image helpers shared by the commands: grids for looking at results."""
+"""Images in and out, shared by training, scoring and the benchmarks: which files count as images, how any
+of them becomes 8-bit RGB, and grids for looking at results."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 from PIL import Image
+
+from .errors import UserError
+
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+
+
+def list_images(folder: Path, what: str = "image folder") -> list[Path]:
+    """The image files of a folder (by suffix), in file-name order; `what` names the folder in errors.
+    Training, scoring and DreamBench all list their images here."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{what} not found: {folder}")
+    try:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    except OSError as e:
+        raise UserError(f"cannot read {what} {folder}: {e.strerror}") from None
+    if not files:
+        raise UserError(f"no images in {what} {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: transparency composited on white, 16- and 32-bit grayscale scaled to 8 bits (Pillow's own
+    convert clips them, so a 16-bit PNG would turn white)."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or values.max(initial=0) > 255:  # a 16-bit file, whatever Pillow calls it
+            values = values / 257.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        rgba = image.convert("RGBA")
+        image = Image.new("RGB", rgba.size, (255, 255, 255))
+        image.paste(rgba, mask=rgba.getchannel("A"))
+    return image.convert("RGB")
 
 
 def make_grid(images, columns: int | None = None, min_cell: int = 128, pad: int = 2) -> Image.Image:

@@ -1,4 +1,5 @@
-"""Writing files so that an interruption never leaves a half-written one behind."""
+"""Writing files so that an interruption never leaves a half-written one behind, and finding out before a
+long run whether its outputs can be written at all."""
 
 from __future__ import annotations
 
@@ -8,15 +9,25 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 @contextlib.contextmanager
 def atomic_path(path: Path):
-    """Yields a temporary path beside `path`; on success it replaces `path` in one rename."""
+    """Yields a temporary path beside `path`; on success it replaces `path` in one rename. The file gets the
+    mode a plain open() would give it (0666 less the umask), not mkstemp's private 0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -36,3 +47,34 @@ def atomic_write_json(path: Path, obj) -> None:
 def atomic_save_image(image, path: Path) -> None:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
+
+
+def check_can_create(path: Path, what: str, folder: bool) -> None:
+    """Refuses, before any work, an output that could not be written: an existing path of the wrong kind, or
+    a nearest existing parent that is not a writable folder. Creates nothing."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{what} {path} is {'not ' if folder else ''}a folder")
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot create {what} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {what} {path}: {parent} is not writable")
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from a file, or one line saying why not (missing, unreadable, not UTF-8, not JSON, not an
+    object)."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"cannot read {what} {path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"cannot read {what} {path}: not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{what} {path} must hold a JSON object, not a {type(obj).__name__}")
+    return obj

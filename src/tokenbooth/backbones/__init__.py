@@ -58,14 +58,13 @@ def load_backbone(name_or_path: str, resolution: int | None = None, device: str 
             raise UserError(f"unknown model {name_or_path!r}: not a known name ({names}) and no such folder")
         if not folder.is_dir():
             raise UserError(f"model path {folder} is not a folder")
-    model_type = read_config(folder).get("model_type")
+    config = read_config(folder)
+    if not isinstance(config, dict):
+        raise UserError(f"{folder / 'config.json'} must hold a JSON object, not a {type(config).__name__}")
+    model_type = config.get("model_type")
     load = loaders().get(model_type)
     if load is None:
         raise UserError(f"{folder} holds a {model_type!r} model; tokenbooth reads chameleon (Lumina-mGPT, mini) "
                         f"and janus (Janus-Pro) checkpoints")
     return load(folder, name, dtype=dtype, resolution=resolution, device=device)
 
-
-def load_backbone_from_args(args) -> Backbone:
-    """The backbone a command's --model (and --resolution, --device when it has them) name."""
-    return load_backbone(args.model, resolution=getattr(args, "resolution", None), device=getattr(args, "device", None))

@@ -36,6 +36,7 @@ def add_parser(subparsers) -> None:
     s.add_argument("-n", "--num-images", type=int, default=4, help="images drawn in one batch")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale (1.0: no unconditional rows)")
     s.add_argument("--sjd-window", type=int, metavar="L", help="draft tokens per SJD pass")
+    p.set_defaults(run=run)
 
 
 def settings_from_args(args, family: str):

@@ -3,8 +3,10 @@ holds one folder of JPEGs per subject and `prompts_and_classes.txt`, a "Classes"
 and two prompt lists written as Python lines, `'a {0} {1} in the jungle'.format(unique_token, class_token),`
 under "Object Prompts" and "Live Subject Prompts". Live subjects are the dogs and cats.
 
-For every subject: personalize the backbone with its defaults (personalize/recipe.py), draw every prompt
-with [V] as the unique token (the paper: 1 image per prompt, CFG 4.0, image top-k 2000), score (metrics.py).
+For every subject: personalize the backbone with its family's defaults (backbones/families.py), draw every
+prompt with [V] as the unique token (the paper: 1 image per prompt, sampled with the family's settings; the
+paper's CFG 4.0 and image top-k 2000 for Lumina-mGPT), score (metrics.py). `describe` lists what a run would do
+(subjects, classes, images, prompts) without loading a model.
 
     OUT/run.json                       the settings that decide the images; a restart must use the same ones
     OUT/subjects/NAME/adapter/         the personalization (an adapter folder; an interrupted one resumes)
@@ -31,7 +33,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from ..errors import UserError
-from ..io import atomic_save_image, atomic_write_json
+from ..images import list_images
+from ..io import atomic_save_image, atomic_write_json, check_can_create
 from . import metrics
 from .tables import write_table
 
@@ -113,8 +116,6 @@ def parse_prompts_and_classes(text: str, path: Path) -> tuple[list[tuple[str, st
 def read_dreambench(folder: Path, only: list[str] | None = None) -> DreamBench:
     """The dataset folder as DreamBench lays it out; `only` picks subjects. Every image of the picked
     subjects is opened now, so a bad file stops the run before hours of work."""
-    from ..personalize.data import IMAGE_SUFFIXES
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"DreamBench folder not found: {folder}")
@@ -122,7 +123,7 @@ def read_dreambench(folder: Path, only: list[str] | None = None) -> DreamBench:
     if not prompts_file.is_file():
         raise UserError(f"{folder} is not DreamBench's dataset folder: {PROMPTS_FILE} is missing (clone "
                         f"github.com/google/dreambooth and pass its dataset/ folder)")
-    classes, object_prompts, live_prompts = parse_prompts_and_classes(prompts_file.read_text(), prompts_file)
+    classes, object_prompts, live_prompts = parse_prompts_and_classes(read_text(prompts_file), prompts_file)
     names = [name for name, _ in classes]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -137,12 +138,30 @@ def read_dreambench(folder: Path, only: list[str] | None = None) -> DreamBench:
         sub = folder / name
         if not sub.is_dir():
             raise UserError(f"subject {name} (listed in {PROMPTS_FILE}) has no folder {sub}")
-        images = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not images:
-            raise UserError(f"subject {name} has no images in {sub}")
+        images = list_images(sub, f"subject {name}'s folder")
         check_images(images)
         subjects.append(Subject(name, class_name, sub, images))
     return DreamBench(subjects, object_prompts, live_prompts)
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"cannot read {path}: not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
+def describe(bench: DreamBench, placeholder: str = "[V]") -> str:
+    """What a run on `bench` would do: subjects with their class and image count, then the prompts."""
+    lines = [f"{len(bench.subjects)} subject(s):"]
+    lines += [f"  {s.name}: class {s.class_name}, {len(s.images)} image(s), "
+              f"{'live subject' if s.live else 'object'} prompts" for s in bench.subjects]
+    for title, templates in (("object prompts", bench.object_prompts), ("live subject prompts", bench.live_prompts)):
+        lines.append(f"{len(templates)} {title}:")
+        lines += [f"  {t.format(placeholder, '{class}')}" for t in templates]
+    return "\n".join(lines) + "\n"
 
 
 def check_images(paths: list[Path]) -> None:
@@ -161,43 +180,48 @@ def check_images(paths: list[Path]) -> None:
 
 @dataclass
 class RunSettings:
-    """What decides the images. A restart in the same output folder must use the same settings."""
+    """What decides the images. A restart in the same output folder must use the same settings. None: the
+    backbone family's value (backbones/families.py)."""
     model: str
     images_per_prompt: int = 1  # the paper's; DreamBooth drew 4
     seed: int = 0  # prompt i is drawn with seed + i
-    cfg: float = 4.0  # the paper's guidance
-    top_k: int = 2000  # the paper's image top-k
+    cfg: float | None = None
+    top_k: int | None = None
     placeholder: str = "[V]"  # DreamBench's unique_token
-    stage1_steps: int | None = None  # None: the backbone's default (personalize/defaults.py)
+    stage1_steps: int | None = None
     stage2_steps: int | None = None
     batch_size: int | None = None
+    sampler: str = "plain"
+    sjd_window: int | None = None
+    sjd_init: str | None = None
+
+    def validate(self) -> None:
+        """Refuses what no backbone could use, before any model loads."""
+        from ..personalize.recipe import check_train_values
+        from ..sampling.processors import check_sampling_values
+
+        if self.images_per_prompt < 1:
+            raise UserError(f"--images-per-prompt must be >= 1 (got {self.images_per_prompt})")
+        check_sampling_values({"cfg_scale": self.cfg, "image_top_k": self.top_k})
+        check_train_values({"placeholder": self.placeholder, "stage1_steps": self.stage1_steps,
+                            "stage2_steps": self.stage2_steps, "batch_size": self.batch_size})
 
 
-def settings_from_args(args) -> RunSettings:
-    settings = RunSettings(model=args.model, images_per_prompt=args.images_per_prompt, seed=args.seed, cfg=args.cfg,
-                           top_k=args.top_k, placeholder=args.placeholder, stage1_steps=args.stage1_steps,
-                           stage2_steps=args.stage2_steps, batch_size=args.batch_size)
-    if settings.images_per_prompt < 1:
-        raise UserError(f"--images-per-prompt must be >= 1 (got {settings.images_per_prompt})")
-    sampling_config(settings).validate()
-    return settings
-
-
-def sampling_config(settings: RunSettings, prompt_index: int = 0):
+def sampling_config(settings: RunSettings, family: str, prompt_index: int = 0):
     from ..sampling import SamplingConfig
 
-    return SamplingConfig(cfg_scale=settings.cfg, image_top_k=settings.top_k, seed=settings.seed + prompt_index)
+    given = {"cfg_scale": settings.cfg, "image_top_k": settings.top_k, "sjd_window": settings.sjd_window,
+             "sjd_init": settings.sjd_init}
+    return SamplingConfig.for_family(family, seed=settings.seed + prompt_index, sampler=settings.sampler,
+                                     **{k: v for k, v in given.items() if v is not None})
 
 
 def train_config(settings: RunSettings, family: str, class_name: str):
     from ..personalize import TrainConfig
-    from ..personalize.defaults import defaults_for
 
-    values = defaults_for(family)
-    for name in ("stage1_steps", "stage2_steps", "batch_size"):
-        if getattr(settings, name) is not None:
-            values[name] = getattr(settings, name)
-    cfg = TrainConfig(class_name=class_name, placeholder=settings.placeholder, seed=settings.seed, **values)
+    given = {name: getattr(settings, name) for name in ("stage1_steps", "stage2_steps", "batch_size")}
+    cfg = TrainConfig.for_family(family, class_name=class_name, placeholder=settings.placeholder, seed=settings.seed,
+                                 **{k: v for k, v in given.items() if v is not None})
     cfg.validate()
     return cfg
 
@@ -228,29 +252,25 @@ def finished(out: Path, name: str) -> bool:
     return (subject_folder(out, name) / "scores.json").is_file()
 
 
-def run_dreambench(args) -> None:
+def run_dreambench(settings: RunSettings, data: Path, output: Path, subjects: list[str] | None = None,
+                   protocol: str = "paper", dino: str | None = None, clip: str | None = None) -> None:
+    """Every subject of the dataset at `data` (or the named ones): personalize, draw, score; tables in `output`."""
     import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
-
-    from ..backbones import load_backbone
-    from ..personalize.run import _check_tokenizable
 
     # cpu: without a GPU, processes started by `accelerate launch --multi_gpu` or torchrun share the work over
     # gloo (accelerate's own --cpu launches a single process unless MPI is set up). The timeout: shards can
     # finish hours apart, and the final wait must not give up after the default 30 minutes.
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(days=7))
-    settings = settings_from_args(args)
-    only = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
-    bench = read_dreambench(args.data, only)
-    scorer = metrics.Scorer(metrics.load_dino(args.dino, state.device), metrics.load_clip(args.clip, state.device))
+    settings.validate()
+    bench = read_dreambench(data, subjects)
+    out = Path(output)
+    check_can_create(out, "output folder", folder=True)
+    check_backbone(settings, bench)
+    scorer = metrics.Scorer(metrics.load_dino(dino, state.device), metrics.load_clip(clip, state.device))
     scorer.clip.require_tokenizer()
-    backbone = load_backbone(settings.model)
-    for subject in bench.subjects:  # every class word must tokenize, and the settings make a valid recipe
-        _check_tokenizable(backbone, train_config(settings, backbone.family, subject.class_name))
-    del backbone
 
-    out = Path(args.output)
     try:
         (out / "subjects").mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -267,9 +287,26 @@ def run_dreambench(args) -> None:
         run_subject(bench, subject, settings, scorer, subject_folder(out, subject.name), state.process_index)
     state.wait_for_everyone()
     if state.is_main_process:
-        prompts_file = Path(args.data) / PROMPTS_FILE
-        names = [n for n, _ in parse_prompts_and_classes(prompts_file.read_text(), prompts_file)[0]]
-        write_results(out, names, settings, args.protocol)
+        prompts_file = Path(data) / PROMPTS_FILE
+        names = [n for n, _ in parse_prompts_and_classes(read_text(prompts_file), prompts_file)[0]]
+        write_results(out, names, settings, protocol)
+
+
+def check_backbone(settings: RunSettings, bench: DreamBench) -> None:
+    """Before hours of work: every class word tokenizes, and the settings make a valid recipe and sampler."""
+    from ..backbones import load_backbone
+    from ..personalize import check_class_name
+    from ..personalize.recipe import check_training_fits
+    from ..sampling import check_sampler
+
+    backbone = load_backbone(settings.model)
+    sampling = sampling_config(settings, backbone.family)
+    sampling.validate()
+    check_sampler(sampling, backbone.layout.body_length)
+    for subject in bench.subjects:
+        cfg = train_config(settings, backbone.family, subject.class_name)
+        check_class_name(backbone, cfg.class_name)
+        check_training_fits(backbone, cfg)
 
 
 def run_subject(bench: DreamBench, subject: Subject, settings: RunSettings, scorer: metrics.Scorer, folder: Path,
@@ -282,8 +319,7 @@ def run_subject(bench: DreamBench, subject: Subject, settings: RunSettings, scor
     from ..images import labeled_rows
     from ..personalize import load_adapter, load_reference_images, train
     from ..personalize.recipe import latest_checkpoint
-    from ..sampling import sample_image_tokens
-    from ..vq import tensor_to_pil
+    from ..sampling import draw
 
     adapter = folder / "adapter"
     t0 = time.time()
@@ -305,8 +341,7 @@ def run_subject(bench: DreamBench, subject: Subject, settings: RunSettings, scor
         if all(f.is_file() for f in files):
             images = metrics.read_images(files)
         else:
-            codes = sample_image_tokens(personalized, [prompt] * len(files), sampling_config(settings, i))
-            images = tensor_to_pil(personalized.decode_images(codes))
+            images = draw(personalized, [prompt] * len(files), sampling_config(settings, personalized.family, i)).images
             for f, image in zip(files, images):
                 atomic_save_image(image, f)
         drawn += [(f, prompt, image) for f, image in zip(files, images)]

@@ -21,7 +21,6 @@ files, converted at load time (convert.py); nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -30,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import UserError
+from ..errors import UserError, warn
+from ..images import to_rgb
+from ..io import read_json_object
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -153,10 +154,7 @@ def _hf_model_type(folder: Path, flag: str) -> str:
     config = folder / "config.json"
     if not config.is_file():
         raise UserError(f"{folder} is a folder without config.json, not a Hugging Face model folder (for {flag})")
-    try:
-        return json.loads(config.read_text()).get("model_type", "")
-    except json.JSONDecodeError as e:
-        raise UserError(f"cannot read {config}: {e}") from None
+    return str(read_json_object(config, "model config").get("model_type", ""))
 
 
 def _from_cache(cls, hub_id: str, missing: str, **kw):
@@ -239,8 +237,6 @@ def _tokenizer_in(folder: Path):
 
 def _warn_if_not(ok: bool, what: str, paper: str, source: str) -> None:
     if not ok:
-        from ..personalize.data import warn
-
         warn(f"{source} is not the paper's {what} {paper}: its numbers are not comparable to published ones")
 
 
@@ -253,16 +249,10 @@ def read_images(paths: list[Path]) -> list[Image.Image]:
         try:
             with Image.open(path) as im:
                 im.load()
-                images.append(im.convert("RGB"))
+                images.append(to_rgb(im))
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise UserError(f"cannot read image {path}: {e.__class__.__name__}") from None
     return images
-
-
-def image_files(folder: Path) -> list[Path]:
-    from ..personalize.data import IMAGE_SUFFIXES
-
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 class Scorer:

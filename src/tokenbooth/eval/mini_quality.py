@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     torch.set_flush_denormal(True)
     t0 = time.time()
     backbone = load_backbone(args.model)
-    cfg = SamplingConfig(seed=args.seed)
+    cfg = SamplingConfig.for_family("lumina-mgpt", seed=args.seed)  # the paper's settings, for the base model
     rng = random.Random(args.seed)
 
     held_prompts, held_asked = prompts_for(sorted(HELD_OUT_COMBOS), rng)
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
 
     diversity_prompt = "a blue car on the grass"
     seeds = list(range(8))
-    codes = torch.cat([sample_image_tokens(backbone, [diversity_prompt], SamplingConfig(seed=s)) for s in seeds])
+    codes = torch.cat([sample_image_tokens(backbone, [diversity_prompt], SamplingConfig(**{**cfg.to_dict(), "seed": s})) for s in seeds])
     distinct = len({tuple(c.flatten().tolist()) for c in codes})
 
     result = {

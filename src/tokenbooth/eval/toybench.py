@@ -1,6 +1,6 @@
 """toy-bench: the paper's experiment asked of mini, here on a CPU.
 
-    tokenbooth eval toybench --output runs/toybench [--subjects N] [--clip PATH]
+    tokenbooth eval toybench --output runs/toybench [--subjects N] [--clip PATH] [--sampler sjd]
 
 Subjects are toyworld's reserved instances (never in mini's pretraining; the demo's robot excluded), 4
 reference renders each; 10 prompts per subject of DreamBench's three kinds (new contexts, property changes,
@@ -15,7 +15,8 @@ Metrics go through exactly the code real CLIP goes through (eval/metrics.py) wit
 toyworld (assets/toyclip, trained by pretrain/toyclip.py): toyCLIP-I (fidelity) and toyCLIP-T (prompt following); and, independent of any
 learned encoder, the toyworld checker: identity = the subject's own body color read back where the prompt
 keeps it; prompt = the asked background (and asked color) read back.
-Images are drawn once and kept: an interrupted run continues where it stopped.
+Images are drawn once, with mini's sampling settings (backbones/families.py), and kept: an interrupted run
+continues where it stopped.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import UserError
-from ..io import atomic_save_image, atomic_write_json, atomic_write_text
+from ..io import atomic_save_image, atomic_write_json, atomic_write_text, check_can_create
 from ..toyworld import COLORS, Scene, render, reserved_instances
 from ..toyworld.checker import read_scene
 from ..toyworld.world import BACKGROUND_PHRASES, WEARS_ACCESSORIES
@@ -40,7 +41,7 @@ VARIANTS = {
 }
 REFERENCE_SHOTS = (("white", "center"), ("wood", "left"), ("grass", "center"), ("brick", "right"))
 CONTEXTS = ("beach", "snow", "night", "water", "forest")
-CFG = 1.5  # mini's guidance for personalized sampling (see README: 4.0 turns stage-2 changes into noise)
+MODEL = "mini"
 
 
 def subjects(n: int):
@@ -85,19 +86,18 @@ def without_placeholder(text: str) -> str:
 
 # --- drawing ------------------------------------------------------------------------------------------
 
-def draw_subject(out: Path, inst, variant: str, seed: int) -> list[Image.Image]:
+def draw_subject(out: Path, inst, variant: str, sampling) -> list[Image.Image]:
     """Personalizes mini for this variant (unless done) and draws the subject's prompts once."""
     from ..backbones import load_backbone
     from ..personalize import TrainConfig, load_adapter, train
-    from ..personalize.defaults import defaults_for
-    from ..sampling import SamplingConfig, generate_images
+    from ..sampling import draw
 
     folder = out / "images" / inst.key / variant
     asked = prompts(inst)
     files = [folder / f"{i:02d}.png" for i in range(len(asked))]
     if all(f.exists() for f in files):
         return [Image.open(f).convert("RGB") for f in files]
-    base = load_backbone("mini")
+    base = load_backbone(MODEL)
     if VARIANTS[variant] is None:
         model, texts = base, [without_placeholder(p["text"]) for p in asked]
     else:
@@ -106,10 +106,10 @@ def draw_subject(out: Path, inst, variant: str, seed: int) -> list[Image.Image]:
             import shutil
 
             shutil.rmtree(adapter, ignore_errors=True)  # an interrupted training restarts from scratch
-            cfg = TrainConfig(class_name=inst.cls, seed=seed, **{**defaults_for("mini"), **VARIANTS[variant]})
+            cfg = TrainConfig.for_family(base.family, class_name=inst.cls, seed=sampling.seed, **VARIANTS[variant])
             train(base, references(inst, base.resolution), cfg, adapter, progress=False)
-        model, texts = load_adapter(load_backbone("mini"), adapter), [p["text"] for p in asked]
-    images = generate_images(model, texts, SamplingConfig(seed=seed, cfg_scale=CFG))
+        model, texts = load_adapter(load_backbone(MODEL), adapter), [p["text"] for p in asked]
+    images = draw(model, texts, sampling).images
     folder.mkdir(parents=True, exist_ok=True)
     for image, f in zip(images, files):
         atomic_save_image(image, f)
@@ -169,14 +169,15 @@ LABELS = {"references": "real references (ceiling)", "base": "base model, class 
           "two-stage-lora": "two-stage, LoRA r=4"}
 
 
-def markdown(table: list[dict], n_subjects: int, seconds: float, command: str) -> str:
+def markdown(table: list[dict], n_subjects: int, seconds: float, command: str, sampling) -> str:
     def f(v):
         return "-" if v is None else f"{v:.3f}"
 
     lines = [
         "# toy-bench: the paper's experiment on mini", "",
         f"{n_subjects} reserved toyworld subjects (never in pretraining), 4 references and 10 prompts each, one image "
-        f"per prompt, CFG {CFG}, image top-k 2000, seed 0. `{command}` took {seconds / 60:.1f} min on 2 CPU cores "
+        f"per prompt, CFG {sampling.cfg_scale}, image top-k {sampling.image_top_k}, seed {sampling.seed}, "
+        f"{sampling.sampler} sampler. `{command}` took {seconds / 60:.1f} min on 2 CPU cores "
         f"in its last invocation (images and adapters of earlier invocations are reused).", "",
         "| row | toyCLIP-I (fidelity) | toyCLIP-T (prompt) | checker identity | checker prompt |",
         "|---|---|---|---|---|",
@@ -225,32 +226,43 @@ def subject_grid(out: Path, inst) -> Image.Image:
     return labeled_rows(rows, min_cell=64)
 
 
-def run_toybench(args) -> None:
-    from .metrics import load_clip
-
-    if args.subjects < 1:
-        raise UserError(f"--subjects must be >= 1 (got {args.subjects})")
-    out: Path = args.output
-    out.mkdir(parents=True, exist_ok=True)
-    clip = load_clip(str(args.clip)) if args.clip else load_clip(str(_bundled_toyclip()))
-    insts = subjects(args.subjects)
-    t0 = time.time()
+def run_toybench(output: Path, n_subjects: int = 10, clip: Path | None = None, seed: int = 0, **sampling) -> list[dict]:
+    """The whole toy-bench into `output`; returns the summary table. sampling: SamplingConfig fields over
+    mini's defaults (e.g. sampler="sjd")."""
     from tqdm.auto import tqdm
 
-    (out / "grids").mkdir(exist_ok=True)
+    from ..backbones import load_backbone
+    from ..sampling import SamplingConfig, check_sampler
+    from .metrics import load_clip
+
+    if n_subjects < 1:
+        raise UserError(f"--subjects must be >= 1 (got {n_subjects})")
+    mini = load_backbone(MODEL)
+    sampling = SamplingConfig.for_family(mini.family, **{"seed": seed, **sampling})
+    sampling.validate()
+    check_sampler(sampling, mini.layout.body_length)
+    del mini
+    out = Path(output)
+    check_can_create(out, "output folder", folder=True)
+    clip = load_clip(str(clip)) if clip else load_clip(str(_bundled_toyclip()))
+    insts = subjects(n_subjects)
+    t0 = time.time()
+    (out / "grids").mkdir(parents=True, exist_ok=True)
     for inst in tqdm(insts, desc="subjects"):
         for variant in VARIANTS:
-            draw_subject(out, inst, variant, args.seed)
+            draw_subject(out, inst, variant, sampling)
         atomic_save_image(subject_grid(out, inst), out / "grids" / f"{inst.key}.png")
     rows = score_all(out, insts, clip)
     table = summarize(rows)
     seconds = time.time() - t0  # this invocation; images drawn by an earlier, interrupted one are reused
+    report = markdown(table, len(insts), seconds, "tokenbooth eval toybench", sampling)
     atomic_write_json(out / "results.json", {"table": table, "per_subject": rows, "subjects": [i.key for i in insts],
-                                             "cfg_scale": CFG, "seconds": round(seconds, 1)})
-    atomic_write_text(out / "report.md", markdown(table, len(insts), seconds, "tokenbooth eval toybench"))
+                                             "sampling": sampling.to_dict(), "seconds": round(seconds, 1)})
+    atomic_write_text(out / "report.md", report)
     atomic_save_image(bar_plot(table), out / "report.png")
-    print(markdown(table, len(insts), seconds, "tokenbooth eval toybench"))
+    print(report)
     print(f"report: {out / 'report.md'}, plot {out / 'report.png'}, grids {out / 'grids'}")
+    return table
 
 
 def _bundled_toyclip() -> Path:

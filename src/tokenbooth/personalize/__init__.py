@@ -2,4 +2,4 @@
 
 from .adapter import PersonalizedBackbone, load_adapter, read_adapter_config
 from .data import load_reference_images
-from .recipe import TrainConfig, train
+from .recipe import TrainConfig, check_class_name, check_run, read_run, train

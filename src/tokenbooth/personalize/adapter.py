@@ -1,6 +1,8 @@
 """The adapter folder: what personalization learned, small and self-describing, loadable onto the base.
 
-    adapter_config.json          version, backbone + base fingerprint, placeholder, class word, settings
+    adapter_config.json          version, backbone + base fingerprint, placeholder, class word, training
+                                 settings, and "sampling": the settings it was validated with, which
+                                 `generate --adapter` uses unless told otherwise
     learned_embeds.safetensors   {placeholder string: [V]'s embedding} (Textual Inversion's convention)
     layers.safetensors           stage 2's trained tensors by parameter name (full Q/K/V or named targets)
     lora/                        or a peft LoRA folder (adapter_config.json + adapter_model.safetensors)
@@ -13,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from .. import __version__
-from ..errors import UserError
+from ..errors import UserError, warn
+from ..io import read_json_object
 
 CONFIG = "adapter_config.json"
 EMBEDS = "learned_embeds.safetensors"
@@ -55,8 +57,9 @@ class PersonalizedBackbone:
     """A backbone that knows [V]: prompts mention the placeholder, the tokenizer sees its reserved token.
     Everything else is the (adapted) base backbone."""
 
-    def __init__(self, base, placeholder: str, token: str):
+    def __init__(self, base, placeholder: str, token: str, sampling: dict | None = None):
         self._base, self.placeholder, self.placeholder_token = base, placeholder, token
+        self.sampling = sampling or {}  # what the adapter was trained and validated with (SamplingConfig fields)
 
     def __getattr__(self, name):
         return getattr(self._base, name)
@@ -95,64 +98,108 @@ def _jsonable(d: dict) -> dict:
 
 # --- loading ----------------------------------------------------------------------------------------
 
+# What adapter_config.json must hold, and of which type; the rest (training settings) is for people to read.
+REQUIRED = {"placeholder": str, "placeholder_token": str, "placeholder_token_id": int, "base_fingerprint": str}
+
+
 def read_adapter_config(folder: Path) -> dict:
     folder = Path(folder)
     path = folder / CONFIG
     if not path.is_file():
         raise UserError(f"not an adapter folder (no {CONFIG}): {folder}")
+    cfg = read_json_object(path, "adapter config")
+    for key, kind in REQUIRED.items():
+        if key not in cfg:
+            raise UserError(f"{path} lacks {key!r}; is it a tokenbooth adapter?")
+        if not isinstance(cfg[key], kind) or isinstance(cfg[key], bool):
+            raise UserError(f"{path}: {key!r} must be a {kind.__name__} (got {cfg[key]!r})")
+    recorded_sampling(cfg, path)
+    return cfg
+
+
+def recorded_sampling(cfg: dict, path: Path | None = None) -> dict:
+    """The sampling settings an adapter was trained and validated with ({} for an adapter that predates them)."""
+    from ..sampling.processors import DISTRIBUTION, check_sampling_values
+
+    sampling = cfg.get("sampling") or {}
+    if not isinstance(sampling, dict) or set(sampling) - set(DISTRIBUTION):
+        raise UserError(f"{path or CONFIG}: 'sampling' must map {', '.join(DISTRIBUTION)} to numbers")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+        check_sampling_values(sampling)
+    except UserError as e:
+        raise UserError(f"{path or CONFIG}: sampling: {e}") from None
+    return dict(sampling)
 
 
 def load_adapter(backbone, folder: Path) -> PersonalizedBackbone:
-    """Applies the adapter to `backbone` in memory (the files on disk are never touched)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """Applies the adapter to `backbone` in memory (the files on disk are never touched). Everything is read
+    and checked against the model before the first weight changes."""
     folder = Path(folder)
     cfg = read_adapter_config(folder)
-    if cfg.get("base_fingerprint") != base_fingerprint(backbone.folder):
+    if cfg["base_fingerprint"] != base_fingerprint(backbone.folder):
         raise UserError(f"adapter {folder} was trained on another base model ({cfg.get('backbone')}, fingerprint "
-                        f"{cfg.get('base_fingerprint')}) than {backbone.name} ({base_fingerprint(backbone.folder)})")
-    try:
-        embeds = load_file(str(folder / EMBEDS))
-        layers = load_file(str(folder / LAYERS)) if (folder / LAYERS).exists() else {}
-        lora = load_file(str(folder / LORA_DIR / "adapter_model.safetensors")) if (folder / LORA_DIR).exists() else {}
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"cannot read adapter weights in {folder}: {e}") from None
+                        f"{cfg['base_fingerprint']}) than {backbone.name} ({base_fingerprint(backbone.folder)})")
+    embeds, layers, lora, lora_cfg = _read_weights(folder)
     if backbone.tokenizer.token_to_id(cfg["placeholder_token"]) != cfg["placeholder_token_id"]:
         raise UserError(f"adapter {folder}: {cfg['placeholder_token']} is not token {cfg['placeholder_token_id']} "
                         f"in {backbone.name}'s tokenizer")
+    table = backbone.input_embeddings().weight
+    embedding = embeds.get(cfg["placeholder"])
+    if embedding is None or embedding.shape != table.shape[1:]:
+        found = "no entry" if embedding is None else f"shape {tuple(embedding.shape)}"
+        raise UserError(f"adapter {folder}: {EMBEDS} has {found} for {cfg['placeholder']!r}; {backbone.name} wants "
+                        f"an embedding of shape {tuple(table.shape[1:])}")
+    params = dict(backbone.model.named_parameters())
+    for name, tensor in layers.items():
+        if name not in params or params[name].shape != tensor.shape:
+            raise UserError(f"adapter tensor {name} does not fit {backbone.name}")
+    deltas = _lora_deltas(params, lora, lora_cfg, folder) if lora else {}
     with torch.no_grad():
-        table = backbone.input_embeddings().weight
-        table[cfg["placeholder_token_id"]] = embeds[cfg["placeholder"]].to(table.device, table.dtype)
-        params = dict(backbone.model.named_parameters())
+        table[cfg["placeholder_token_id"]] = embedding.to(table.device, table.dtype)
         for name, tensor in layers.items():
-            if name not in params or params[name].shape != tensor.shape:
-                raise UserError(f"adapter tensor {name} does not fit {backbone.name}")
             params[name].copy_(tensor.to(params[name].dtype))
-        if lora:
-            _merge_lora(params, lora, json.loads((folder / LORA_DIR / "adapter_config.json").read_text()))
-    return PersonalizedBackbone(backbone, cfg["placeholder"], cfg["placeholder_token"])
+        for name, delta in deltas.items():
+            params[name] += delta.to(params[name].device, params[name].dtype)
+    return PersonalizedBackbone(backbone, cfg["placeholder"], cfg["placeholder_token"], recorded_sampling(cfg))
 
 
-def _merge_lora(params: dict, tensors: dict, lora_cfg: dict) -> None:
-    """W += (alpha / r) * B @ A for every adapted projection: sampling then runs at base-model speed."""
-    scale = lora_cfg["lora_alpha"] / lora_cfg["r"]
+def _read_weights(folder: Path) -> tuple[dict, dict, dict, dict]:
+    """(embeddings, full layer tensors, LoRA tensors, LoRA config) as the files hold them."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        embeds = load_file(str(folder / EMBEDS))
+        layers = load_file(str(folder / LAYERS)) if (folder / LAYERS).exists() else {}
+        lora_dir = folder / LORA_DIR
+        lora = load_file(str(lora_dir / "adapter_model.safetensors")) if lora_dir.exists() else {}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read adapter weights in {folder}: {e}") from None
+    lora_cfg = read_json_object(lora_dir / "adapter_config.json", "LoRA config") if lora else {}
+    return embeds, layers, lora, lora_cfg
+
+
+def _lora_deltas(params: dict, tensors: dict, lora_cfg: dict, folder: Path) -> dict:
+    """(alpha / r) * B @ A for every adapted projection, merged into W: sampling then runs at base-model speed."""
+    try:
+        scale = float(lora_cfg["lora_alpha"]) / float(lora_cfg["r"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        raise UserError(f"adapter {folder}: the LoRA config lacks a usable lora_alpha and r") from None
+    deltas = {}
     for key, a in tensors.items():
         if ".lora_A." not in key:
             continue
         module = key[len(LORA_PREFIX):].split(".lora_A.")[0]
-        b = tensors[key.replace(".lora_A.", ".lora_B.")]
+        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
         weight = params.get(module + ".weight")
         if weight is None:
             raise UserError(f"LoRA target {module} does not exist in this model")
-        weight += (scale * (b.float() @ a.float())).to(weight.device, weight.dtype)
+        if b is None or a.dim() != 2 or b.dim() != 2 or (b.shape[0], a.shape[1]) != weight.shape or b.shape[1] != a.shape[0]:
+            raise UserError(f"adapter {folder}: the LoRA tensors of {module} do not fit {tuple(weight.shape)}")
+        deltas[module + ".weight"] = scale * (b.float() @ a.float())
+    return deltas
 
 
 def warn_if_no_placeholder(prompt: str, placeholder: str) -> None:
     if placeholder not in prompt:
-        print(f"tokenbooth: warning: the prompt does not mention {placeholder}, so the learned subject will not "
-              f"appear", file=sys.stderr)
+        warn(f"the prompt does not mention {placeholder}, so the learned subject will not appear")

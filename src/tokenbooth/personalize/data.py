@@ -6,27 +6,16 @@ side resized to the target and the center cropped.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import UserError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
-def warn(message: str) -> None:
-    print(f"tokenbooth: warning: {message}", file=sys.stderr)
+from ..errors import UserError, warn
+from ..images import list_images, to_rgb
 
 
 def to_square_rgb(image: Image.Image, size: int) -> Image.Image:
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "P"):
-        rgba = image.convert("RGBA")
-        image = Image.new("RGB", rgba.size, (255, 255, 255))
-        image.paste(rgba, mask=rgba.getchannel("A"))
-    image = image.convert("RGB")
+    image = to_rgb(ImageOps.exif_transpose(image))
     w, h = image.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
@@ -35,22 +24,20 @@ def to_square_rgb(image: Image.Image, size: int) -> Image.Image:
 
 
 def load_reference_images(folder: Path, size: int) -> list[Image.Image]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise UserError(f"no images in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    images = []
-    for path in files:
+    images, small, skipped = [], [], []
+    for path in list_images(folder):
         try:
             with Image.open(path) as im:
                 im.draft("RGB", (size * 2, size * 2))  # JPEG decodes at reduced scale: huge photos stay cheap
                 if min(im.size) < size:
-                    warn(f"{path.name} is {im.size[0]}x{im.size[1]}, smaller than {size}px: upscaling it")
+                    small.append(f"{path.name} is {im.size[0]}x{im.size[1]}, smaller than {size}px: upscaling it")
                 images.append(to_square_rgb(im, size))
         except (UnidentifiedImageError, OSError, ValueError) as e:
-            warn(f"skipping {path.name}: not a readable image ({e.__class__.__name__})")
+            skipped.append(f"skipping {path.name}: not a readable image ({e.__class__.__name__})")
     if not images:
-        raise UserError(f"no readable image in {folder}")
+        raise UserError(f"no readable image in {folder} ({skipped[0].removeprefix('skipping ')})")
+    for message in skipped + small:
+        warn(message)
+    if len(images) == 1:
+        warn(f"only one usable image in {folder}: the subject is learned from a single view (the paper uses 3-5)")
     return images

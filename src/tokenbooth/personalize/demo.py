@@ -12,13 +12,10 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..images import labeled_rows
-from ..io import atomic_save_image, atomic_write_json
-from ..sampling import SamplingConfig, generate_images
+from ..io import atomic_save_image, atomic_write_json, check_can_create
 
+MODEL = "mini"
 IMAGES_PER_ROW = 5
-# mini is small and its stage 2 moves the unconditional branch too: guidance 4.0 (the paper's, for 7B)
-# amplifies that into noise, 1.5 keeps the subject and still follows the prompt (see README).
-DEMO_CFG = 1.5
 PROMPTS = (
     ("base model: a robot", "a robot", False),
     ("[V] robot on the beach", "a [V] robot on the beach", True),
@@ -29,43 +26,50 @@ PROMPTS = (
 )
 
 
-def run_demo(args) -> None:
+def make_demo(out: Path, seed: int = 0, overwrite: bool = False, **sampling) -> Path:
+    """Personalizes mini on the bundled robot into OUT/adapter and draws OUT/demo.png; returns the grid's path.
+    sampling: SamplingConfig fields over mini's defaults (backbones/families.py), e.g. sampler="sjd"."""
     from ..backbones import load_backbone
+    from ..sampling import SamplingConfig, check_sampler, draw
     from ..toyworld import demo_subject
     from .adapter import load_adapter
     from .data import load_reference_images
-    from .defaults import defaults_for
     from .recipe import TrainConfig, train
 
-    out: Path = args.out
+    out = Path(out)
     adapter_dir, grid_path = out / "adapter", out / "demo.png"
-    if (adapter_dir.exists() or grid_path.exists()) and not args.overwrite:
+    if (adapter_dir.exists() or grid_path.exists()) and not overwrite:
         raise UserError(f"{out} already holds a demo; pass --overwrite or choose another --out")
-    if args.overwrite:
+    check_can_create(out, "output folder", folder=True)
+    t0 = time.time()
+    base = load_backbone(MODEL)
+    sampling = SamplingConfig.for_family(base.family, **{"seed": seed, **sampling})
+    sampling.validate()
+    check_sampler(sampling, base.layout.body_length)
+    references = load_reference_images(demo_subject.FOLDER, base.resolution)
+    cfg = TrainConfig.for_family(base.family, class_name=demo_subject.CLASS_NAME, seed=seed)
+    if overwrite:
         import shutil
 
         shutil.rmtree(adapter_dir, ignore_errors=True)
-    t0 = time.time()
-    base = load_backbone("mini")
-    references = load_reference_images(demo_subject.FOLDER, base.resolution)
-    cfg = TrainConfig(class_name=demo_subject.CLASS_NAME, seed=args.seed, **defaults_for(base.family))
     print(f"1/2 personalizing mini on {len(references)} pictures of a robot it has never seen "
           f"({cfg.stage1_steps} + {cfg.stage2_steps} steps)")
     train(base, references, cfg, adapter_dir)
     train_seconds = time.time() - t0
 
-    print("2/2 drawing the comparison grid")
-    sampling = SamplingConfig(seed=args.seed, cfg_scale=DEMO_CFG)
-    untouched = load_backbone("mini")
-    personalized = load_adapter(load_backbone("mini"), adapter_dir)
+    print(f"2/2 drawing the comparison grid (guidance {sampling.cfg_scale}, {sampling.sampler} sampler)")
+    untouched = load_backbone(MODEL)
+    personalized = load_adapter(load_backbone(MODEL), adapter_dir)
     rows = [("references (never in pretraining)", references)]
     for label, prompt, uses_adapter in PROMPTS:
         model = personalized if uses_adapter else untouched
-        rows.append((label, generate_images(model, [prompt] * IMAGES_PER_ROW, sampling, progress=True)))
+        rows.append((label, draw(model, [prompt] * IMAGES_PER_ROW, sampling, progress=True).images))
     atomic_save_image(labeled_rows(rows), grid_path)
     atomic_write_json(out / "demo.json", {
-        "subject": demo_subject.SUBJECT.key, "prompts": [p for _, p, _ in PROMPTS], "seed": args.seed,
-        "cfg_scale": DEMO_CFG,
+        "subject": demo_subject.SUBJECT.key, "prompts": [p for _, p, _ in PROMPTS], "seed": seed,
+        "sampling": sampling.to_dict(),
         "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t0, 1),
     })
-    print(f"done in {time.time() - t0:.0f}s: grid {grid_path}, adapter {adapter_dir}, loss curve {adapter_dir / 'loss.png'}")
+    print(f"done in {time.time() - t0:.0f}s: grid {grid_path}, adapter {adapter_dir}, "
+          f"loss curve {adapter_dir / 'loss.png'}")
+    return grid_path

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..io import atomic_path, atomic_save_image, atomic_write_json
+from ..io import atomic_path, atomic_save_image, atomic_write_json, read_json_object
 from ..vq import pil_to_tensor
 from . import adapter as adapter_files
 from .templates import OBJECT_TEMPLATES, training_prompt
@@ -35,20 +35,22 @@ STAGE_PLANS = {
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     class_name: str | None
+    # The per-family hyperparameters have no defaults here: backbones/families.py holds them
+    # (`TrainConfig.for_family`), or the caller names them.
+    stage1_steps: int
+    stage1_lr: float
+    stage2_steps: int
+    stage2_lr: float
+    batch_size: int
     placeholder: str = "[V]"
     init_token: str | None = None  # None: random init, as the paper
     stages: str = "two-stage"
     layers: str = "qkv"  # "qkv", "lora", or comma-separated regular expressions over parameter names
     lora_rank: int = 4
     lora_every: int = 1
-    stage1_steps: int = 250
-    stage1_lr: float = 3e-3
-    stage2_steps: int = 60
-    stage2_lr: float = 2e-4
-    batch_size: int = 8
     flip: bool = False
     seed: int = 0
     checkpointing_steps: int = 50
@@ -67,27 +69,75 @@ class TrainConfig:
         return cls(**{"class_name": None, **family_defaults(family).train, **overrides})
 
     def validate(self) -> None:
-        if self.stages not in STAGE_PLANS:
-            raise UserError(f"--stages must be one of {', '.join(STAGE_PLANS)} (got {self.stages!r})")
-        if not self.placeholder.strip() or any(c.isspace() for c in self.placeholder):
-            raise UserError(f"placeholder {self.placeholder!r} must be a non-empty string without spaces")
+        check_train_values(asdict(self))
         if any(self.placeholder in t.replace("{}", "") for t in OBJECT_TEMPLATES):
             raise UserError(f"placeholder {self.placeholder!r} also occurs in the training prompts; pick one like [V]")
         if self.class_name is not None and (not self.class_name.strip() or self.placeholder in self.class_name):
             raise UserError(f"class name {self.class_name!r} must be a word and must not contain the placeholder")
-        for name in ("stage1_steps", "stage2_steps", "batch_size", "lora_rank", "lora_every", "checkpointing_steps",
-                     "validation_steps", "num_class_images"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        for name in ("stage1_lr", "stage2_lr"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"--{name.replace('_', '-')} must be > 0")
 
     @property
     def plan(self) -> list[tuple[str, int]]:
-        """(stage, steps) in order. Joint trains both for the two stages' steps together."""
-        steps = {"embedding": self.stage1_steps, "layers": self.stage2_steps, "joint": self.stage1_steps + self.stage2_steps}
-        return [(s, steps[s]) for s in STAGE_PLANS[self.stages]]
+        return stage_plan(self.stages, self.stage1_steps, self.stage2_steps)
+
+
+def stage_plan(stages: str, stage1_steps: int, stage2_steps: int) -> list[tuple[str, int]]:
+    """(stage, steps) in order. Joint trains both for the two stages' steps together."""
+    steps = {"embedding": stage1_steps, "layers": stage2_steps, "joint": stage1_steps + stage2_steps}
+    return [(s, steps[s]) for s in STAGE_PLANS[stages]]
+
+
+COUNTS = ("stage1_steps", "stage2_steps", "batch_size", "lora_rank", "lora_every", "checkpointing_steps",
+          "validation_steps", "num_class_images")
+RATES = ("stage1_lr", "stage2_lr")
+
+
+def check_train_values(values: dict) -> None:
+    """Refuses settings no run can use; takes any subset of TrainConfig's fields (None = not given), so a
+    command can check its flags before it loads a model."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    given = {k: v for k, v in values.items() if v is not None}
+    if "stages" in given and given["stages"] not in STAGE_PLANS:
+        raise UserError(f"--stages must be one of {', '.join(STAGE_PLANS)} (got {given['stages']!r})")
+    if "init_token" in given and not given["init_token"].strip():
+        raise UserError("--init-token must be a word (leave it out for the paper's random start)")
+    placeholder = given.get("placeholder")
+    if placeholder is not None and (not placeholder.strip() or any(c.isspace() for c in placeholder)):
+        raise UserError(f"placeholder {placeholder!r} must be a non-empty string without spaces")
+    for name in COUNTS:
+        if name in given and not given[name] >= 1:
+            raise UserError(f"{flag(name)} must be >= 1 (got {given[name]})")
+    for name in (*RATES, "prior_loss_weight"):
+        value = given.get(name)
+        if value is not None and not (math.isfinite(value) and (value > 0 or name == "prior_loss_weight" and value >= 0)):
+            raise UserError(f"{flag(name)} must be a finite number {'>= 0' if name == 'prior_loss_weight' else '> 0'} "
+                            f"(got {value})")
+    if given.get("layers") not in (None, "qkv", "lora"):
+        layer_patterns(given["layers"])
+
+
+def layer_patterns(layers: str) -> list[re.Pattern]:
+    """--layers as regular expressions over parameter names."""
+    patterns = []
+    for text in (p.strip() for p in layers.split(",")):
+        if text:
+            try:
+                patterns.append(re.compile(text))
+            except re.error as e:
+                raise UserError(f"--layers: {text!r} is not a regular expression ({e})") from None
+    if not patterns:
+        raise UserError(f"--layers {layers!r} names no parameter (qkv, lora, or comma-separated regexes)")
+    return patterns
+
+
+def check_class_name(backbone, class_name: str | None) -> None:
+    """The class word must tokenize without unknown pieces: a prompt the model cannot read teaches nothing."""
+    if class_name:
+        ids = backbone.tokenizer.encode(class_name, add_special_tokens=False).ids
+        unk = backbone.tokenizer.token_to_id("<unk>")
+        if not ids or (unk is not None and unk in ids):
+            raise UserError(f"the tokenizer of {backbone.name} cannot encode the class name {class_name!r}")
 
 
 # --- setup ------------------------------------------------------------------------------------------
@@ -134,7 +184,7 @@ def class_tokens(backbone, cfg: TrainConfig, out: Path) -> torch.Tensor:
     """Prior preservation (DreamBooth): the base model's own images of the class, drawn once and cached."""
     from safetensors.torch import load_file, save_file
 
-    from ..sampling import SamplingConfig, sample_image_tokens
+    from ..sampling import draw_codes
 
     path = out / "class_tokens.safetensors"
     if path.exists():
@@ -142,21 +192,35 @@ def class_tokens(backbone, cfg: TrainConfig, out: Path) -> torch.Tensor:
         if len(codes) >= cfg.num_class_images:
             return codes[: cfg.num_class_images]
     prompts = [training_prompt(i, cfg.class_name or "", None) for i in range(cfg.num_class_images)]
-    codes = sample_image_tokens(backbone, prompts, SamplingConfig(seed=cfg.seed))
+    codes = draw_codes(backbone, prompts, sampling_config(backbone, cfg))
     with atomic_path(path) as tmp:
         save_file({"codes": codes.contiguous()}, str(tmp))
     return codes
 
 
+def sampling_config(backbone, cfg: TrainConfig):
+    """How the run draws images (class images, validation grids): the family's defaults, recorded in the
+    adapter so that `generate --adapter` draws the same way."""
+    from ..sampling import SamplingConfig
+
+    return SamplingConfig.for_family(backbone.family, seed=cfg.seed)
+
+
 def select_layer_params(backbone, cfg: TrainConfig) -> dict[str, torch.nn.Parameter]:
-    """Stage 2's targets, by parameter name."""
-    named = dict(backbone.model.named_parameters())
+    """Stage 2's targets, by parameter name, among the backbone's `trainable_parameters` (never its image
+    tokenizer or vision encoder)."""
+    named = backbone.trainable_parameters()
     if cfg.layers == "qkv":
         wanted = {f"{prefix}.{proj}.weight" for prefix in _attention_prefixes(backbone) for proj in QKV}
         chosen = {n: p for n, p in named.items() if n in wanted}
     else:
-        patterns = [re.compile(p.strip()) for p in cfg.layers.split(",") if p.strip()]
-        chosen = {n: p for n, p in named.items() if any(pt.search(n) for pt in patterns) and ".vqmodel." not in n}
+        patterns = []
+        for text in filter(None, (p.strip() for p in cfg.layers.split(","))):
+            try:
+                patterns.append(re.compile(text))
+            except re.error as e:
+                raise UserError(f"--layers {text!r} is not a regular expression: {e}") from None
+        chosen = {n: p for n, p in named.items() if any(pt.search(n) for pt in patterns)}
     if not chosen:
         raise UserError(f"--layers {cfg.layers!r} matches no parameter of {backbone.name}")
     return chosen
@@ -172,7 +236,9 @@ def add_lora(backbone, cfg: TrainConfig):
     full: a multimodal model (Janus-Pro's vision tower) has other q_proj/k_proj/v_proj that must stay as they are."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = [f"{prefix}.{proj}" for prefix in _attention_prefixes(backbone)[:: cfg.lora_every] for proj in QKV]
+    trainable = backbone.trainable_parameters()
+    targets = [f"{prefix}.{proj}" for prefix in _attention_prefixes(backbone)[:: cfg.lora_every] for proj in QKV
+               if f"{prefix}.{proj}.weight" in trainable]
     lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, lora_dropout=0.0, target_modules=targets)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: the same seed gives the same run
     inject_adapter_in_model(lora_config, backbone.model)
@@ -186,13 +252,12 @@ def lora_params(backbone) -> dict[str, torch.nn.Parameter]:
 # --- batches and loss -----------------------------------------------------------------------------
 
 def make_batch(backbone, placeholder: Placeholder, cfg: TrainConfig, codes: torch.Tensor, generator, subject: bool):
-    """`batch_size` (prompt, image) pairs. Labels cover the image tokens only: prompt, header and structure
-    tokens are masked."""
+    """`batch_size` (prompt, image) pairs: token ids (B, T), and labels (B, T) holding the image code at every
+    image position and -100 (ignored) on the prompt, header and structure tokens."""
     n = cfg.batch_size if subject else max(1, cfg.batch_size // 2)
     picks = torch.randint(len(codes), (n,), generator=generator).tolist()
     templates = torch.randint(len(OBJECT_TEMPLATES), (n,), generator=generator).tolist()
     layout = backbone.layout
-    image_positions = torch.tensor([layout.forced_token(j) is None for j in range(layout.body_length)])
     seqs, labels = [], []
     for pick, template in zip(picks, templates):
         if subject:
@@ -200,9 +265,9 @@ def make_batch(backbone, placeholder: Placeholder, cfg: TrainConfig, codes: torc
         else:
             prompt = training_prompt(template, cfg.class_name or "", None)
         prefix = placeholder.prompt_ids(backbone, prompt)
-        body = layout.body_from_codes(codes[pick : pick + 1])[0]
-        seqs.append(prefix + body.tolist())
-        labels.append([-100] * len(prefix) + torch.where(image_positions, body, -100).tolist())
+        image = codes[pick : pick + 1]
+        seqs.append(prefix + layout.body_from_codes(image)[0].tolist())
+        labels.append([-100] * len(prefix) + layout.body_labels(image)[0].tolist())
     width = max(map(len, seqs))
     ids = torch.tensor([s + [s[-1]] * (width - len(s)) for s in seqs])  # right padding is never attended to
     lab = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
@@ -210,11 +275,83 @@ def make_batch(backbone, placeholder: Placeholder, cfg: TrainConfig, codes: torc
 
 
 def batch_loss(backbone, placeholder: Placeholder, ids, labels, autocast) -> torch.Tensor:
+    """Mean cross-entropy of the next image code, over the image codes only.
+
+    The softmax runs over the K codes of `image_head`, not the whole vocabulary. That is Janus-Pro's own loss
+    (its generation head has no text columns) and, for Lumina-mGPT, the log-likelihood of what its sampler
+    actually draws (text tokens are masked at image positions); it differs from the full-vocabulary
+    cross-entropy Lumina-mGPT trains with by the mass that softmax gives text tokens, which sampling never
+    uses. It also skips 7/8 of Chameleon's output layer, and the head runs only where there is a label."""
+    targets = labels[:, 1:]
+    scored = targets >= 0
     with autocast():
-        logits, _ = backbone.logits(inputs_embeds=placeholder.embed(backbone, ids))
-    labels = labels.to(logits.device)
-    labels = torch.where(labels >= 0, labels - backbone.logit_offset, labels)  # logit columns start there
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+        hidden, _ = backbone.hidden_states(inputs_embeds=placeholder.embed(backbone, ids))
+        logits = backbone.image_head(hidden[:, :-1][scored.to(hidden.device)])
+    return F.cross_entropy(logits.float(), targets[scored].to(logits.device))
+
+
+# --- before the run -------------------------------------------------------------------------------
+
+RUN_FILE = "train_config.json"  # {"config": the TrainConfig, "source": ...}: --resume continues exactly that run
+
+
+def check_run(backbone, cfg: TrainConfig, out: Path, resume: bool) -> None:
+    """Everything that would stop the run, checked before it writes anything: the settings, the class word,
+    the --layers targets, the sequence length, and what `out` already holds."""
+    from ..io import check_can_create
+
+    cfg.validate()
+    check_class_name(backbone, cfg.class_name)
+    if cfg.layers != "lora":
+        select_layer_params(backbone, cfg)
+    check_training_fits(backbone, cfg)
+    check_can_create(out, "output folder", folder=True)
+    if resume:
+        saved, _ = read_run(out)
+        if latest_checkpoint(out) is None:
+            raise UserError(f"nothing to resume in {out} (no checkpoints/step-N)")
+        changed = [k for k, v in asdict(cfg).items() if getattr(saved, k) != v]
+        if changed:
+            raise UserError(f"{out} holds a run with {changed[0]} {getattr(saved, changed[0])!r}, not "
+                            f"{getattr(cfg, changed[0])!r}; resume with the run's own settings")
+    elif (out / adapter_files.CONFIG).exists():
+        raise UserError(f"{out} already holds an adapter; choose another output folder")
+    elif latest_checkpoint(out) is not None:
+        raise UserError(f"{out} holds an unfinished run; resume it (train --resume) or choose another output folder")
+
+
+def check_training_fits(backbone, cfg: TrainConfig) -> None:
+    """The longest training sequence (prompt, then the image) must fit the model's context, as `generate`
+    checks for its prompt: past it a large model runs out of memory instead of saying why. So must the
+    validation prompts."""
+    from ..sampling.sampler import check_prompt_fits
+
+    candidates = backbone.placeholder_candidates()
+    token = candidates[0] if candidates else cfg.placeholder
+    ids = lambda prompt: backbone.prompt_ids(adapter_files.substitute_placeholder(prompt, cfg.placeholder, token))  # noqa: E731
+    prompts = [training_prompt(i, cfg.placeholder, cfg.class_name) for i in range(len(OBJECT_TEMPLATES))]
+    lengths = [len(ids(p)) for p in prompts]
+    needed = max(lengths) + backbone.layout.body_length
+    if needed > backbone.max_length:
+        longest = prompts[lengths.index(max(lengths))]
+        raise UserError(f"training sequences too long for {backbone.name}: {longest!r} and its image need {needed} "
+                        f"tokens, the context holds {backbone.max_length} (shorten the class name)")
+    for prompt in cfg.validation_prompts:  # drawn during the run: found too long only after training otherwise
+        check_prompt_fits(backbone, ids(prompt))
+
+
+def read_run(out: Path) -> tuple[TrainConfig, dict]:
+    """The settings and source of the run in `out` (train_config.json), for resuming it."""
+    path = Path(out) / RUN_FILE
+    if not path.is_file():
+        raise UserError(f"nothing to resume in {out} (no {RUN_FILE})")
+    saved = read_json_object(path, "run settings")
+    if "config" not in saved:  # written before the source was recorded: the config alone
+        saved = {"config": saved}
+    try:
+        return TrainConfig(**saved["config"]), dict(saved.get("source") or {})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} does not describe a run: {e}") from None
 
 
 # --- the run ----------------------------------------------------------------------------------------
@@ -262,16 +399,19 @@ def stage_params(stage: str, placeholder: Placeholder, layer_params: dict, cfg: 
 
 
 def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> Path:
+          stop_after: int | None = None, source: dict | None = None) -> Path:
     """Personalizes `backbone` on `images`; writes the adapter to `out` and returns it.
 
-    stop_after: end the run (checkpoint written) after this many steps in all, as an interruption would."""
-    cfg.validate()
+    stop_after: end the run (checkpoint written) after this many steps in all, as an interruption would.
+    source: what the caller wants recorded about where the run came from (the command: model, image folder)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_run(backbone, cfg, out, resume)  # every refusal comes before anything is written
     generator = torch.Generator().manual_seed(cfg.seed)
     placeholder = Placeholder(backbone, cfg, generator)
     codes = reference_tokens(backbone, images, cfg.flip)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write_json(out / RUN_FILE, {"config": asdict(cfg), "source": source or {}})
     prior = class_tokens(backbone, cfg, out) if cfg.prior_preservation else None
 
     for p in backbone.model.parameters():
@@ -284,8 +424,6 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
 
     state = RunState()
     checkpoint = latest_checkpoint(out) if resume else None
-    if resume and checkpoint is None:
-        raise UserError(f"nothing to resume in {out} (no checkpoints/step-N)")
     saved = load_checkpoint(checkpoint, placeholder, layer_params, generator, state) if checkpoint else None
 
     autocast = _autocast_for(backbone)
@@ -418,6 +556,7 @@ def save_final_adapter(backbone, placeholder: Placeholder, layer_params: dict, l
         "placeholder": placeholder.text, "placeholder_token": placeholder.token,
         "placeholder_token_id": placeholder.token_id, "class_name": cfg.class_name,
         **{k: v for k, v in asdict(cfg).items() if k not in ("class_name", "placeholder")},
+        "sampling": sampling_config(backbone, cfg).distribution(),
     }
     layer_tensors = {k: v.to(next(backbone.model.parameters()).dtype) for k, v in layer_params.items()} \
         if trained_layers and lora_config is None else None
@@ -429,7 +568,7 @@ def save_final_adapter(backbone, placeholder: Placeholder, layer_params: dict, l
 def render_validation(backbone, placeholder: Placeholder, cfg: TrainConfig, path: Path) -> None:
     """A small grid of the validation prompts with the current [V], drawn without touching training state."""
     from ..images import make_grid
-    from ..sampling import SamplingConfig, generate_images
+    from ..sampling import draw
 
     table = backbone.input_embeddings().weight
     original = table[placeholder.token_id].clone()
@@ -439,7 +578,7 @@ def render_validation(backbone, placeholder: Placeholder, cfg: TrainConfig, path
     try:
         personalized = adapter_files.PersonalizedBackbone(backbone, placeholder.text, placeholder.token)
         with _autocast_for(backbone)():  # trained layers are fp32 copies inside a bf16 model
-            images = generate_images(personalized, cfg.validation_prompts, SamplingConfig(seed=cfg.seed))
+            images = draw(personalized, cfg.validation_prompts, sampling_config(backbone, cfg)).images
     finally:
         table[placeholder.token_id] = original
         for module in training:

@@ -3,4 +3,4 @@
 
 from .draw import SAMPLERS, Drawing, check_sampler, draw, draw_codes
 from .processors import SamplingConfig, image_token_distribution
-from .sampler import SamplingStats, generate_images, sample_image_tokens
+from .sampler import SamplingStats, sample_image_tokens

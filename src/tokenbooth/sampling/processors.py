@@ -3,11 +3,12 @@ classifier-free guidance, then the structure rules, then image top-k, then tempe
 
 Structure tokens (row ends, image end) sit at positions the layout fixes, so the sampler writes them
 without asking the model; at every other position only image tokens are allowed, which is the same as
-suppressing all other logits and lets us work on the image-token slice of the vocabulary.
+suppressing all other logits: the backbone's `image_head` scores the image codes alone, in codebook order.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -15,10 +16,12 @@ import torch
 from ..errors import UserError
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SamplingConfig:
-    cfg_scale: float = 4.0  # the paper's guidance; 1.0 = no guidance, 0.0 = unconditional
-    image_top_k: int = 2000  # the paper's image top-k, clipped to the codebook size
+    # No defaults for the two settings that differ per family: they come from backbones/families.py
+    # (`SamplingConfig.for_family`), or the caller names them.
+    cfg_scale: float  # classifier-free guidance; 1.0 = no guidance, 0.0 = unconditional
+    image_top_k: int  # image top-k, clipped to the codebook size
     top_p: float = 1.0  # 1.0 = off
     temperature: float = 1.0  # < 1.0 = less random
     seed: int = 0
@@ -36,17 +39,35 @@ class SamplingConfig:
         return cls(**{**family_defaults(family).sample, **overrides})
 
     def validate(self) -> None:
-        if not self.cfg_scale >= 0:
-            raise UserError(f"--cfg must be >= 0 (got {self.cfg_scale})")
-        if self.image_top_k < 1:
-            raise UserError(f"--top-k must be >= 1 (got {self.image_top_k})")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"--top-p must be in (0, 1] (got {self.top_p})")
-        if not self.temperature > 0:
-            raise UserError(f"--temperature must be > 0 (got {self.temperature})")
+        check_sampling_values(asdict(self))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def distribution(self) -> dict:
+        """The settings that shape the distribution images are drawn from (what an adapter records)."""
+        return {name: getattr(self, name) for name in DISTRIBUTION}
+
+
+DISTRIBUTION = ("cfg_scale", "image_top_k", "top_p", "temperature")
+# setting: (its flag, the test a value must pass, what the test says)
+LIMITS = {
+    "cfg_scale": ("--cfg", lambda v: v >= 0, ">= 0"),
+    "image_top_k": ("--top-k", lambda v: v >= 1, ">= 1"),
+    "top_p": ("--top-p", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    "temperature": ("--temperature", lambda v: v > 0, "> 0"),
+}
+
+
+def check_sampling_values(values: dict) -> None:
+    """Refuses out-of-range or non-finite settings; takes any subset of SamplingConfig's fields (None = not
+    given), so a command can check its flags before it loads a model."""
+    for name, (flag, ok, rule) in LIMITS.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            raise UserError(f"{flag} must be a finite number {rule} (got {value!r})")
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -56,10 +77,9 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torc
 
 
 def image_token_distribution(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None,
-                             image_token_ids: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """(B, V) logits -> (B, K) probabilities over the K image tokens (codebook order)."""
-    ids = image_token_ids.to(cond_logits.device)
-    logits = guide(cond_logits[:, ids], None if uncond_logits is None else uncond_logits[:, ids], cfg.cfg_scale)
+                             cfg: SamplingConfig) -> torch.Tensor:
+    """(B, K) image-code logits (a backbone's `image_head`) -> (B, K) probabilities, codebook order."""
+    logits = guide(cond_logits, uncond_logits, cfg.cfg_scale)
     k = min(cfg.image_top_k, logits.shape[-1])
     if k < logits.shape[-1]:
         kth = torch.topk(logits, k, dim=-1).values[:, -1:]

@@ -37,11 +37,16 @@ def read_taming_config(path: Path) -> VQGANConfig:
     if not path.is_file():
         raise UserError(f"VQGAN config missing: {path}")
     try:
-        params = yaml.safe_load(path.read_text())["model"]["params"]
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"cannot read {path}: not UTF-8 text") from None
+    try:
+        params = yaml.safe_load(text)["model"]["params"]
         fields = {**params["ddconfig"], "embed_dim": params["embed_dim"], "n_embed": params["n_embed"]}
     except (yaml.YAMLError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # YAML errors draw the spot over lines
         raise UserError(f"{path} is not a taming VQGAN config (model.params.ddconfig, embed_dim, n_embed): "
-                        f"{type(e).__name__} {e}") from None
+                        f"{type(e).__name__} {first}") from None
     if fields.get("attn_resolutions") is None:
         fields["attn_resolutions"] = []
     return VQGANConfig.from_dict(fields)

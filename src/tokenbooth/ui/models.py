@@ -1,0 +1,142 @@
+"""Backbones for the Generate tab: which ones are on disk, a small cache of loaded ones, and drawing through
+the library's one sampling entry point (`sampling.draw`) into PNGs that carry their settings."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import fields
+from pathlib import Path
+
+from .. import __version__
+from ..errors import UserError
+from ..io import atomic_path
+from ..sampling import SamplingConfig, draw
+from .workspace import Subject, Workspace, sanitize_name
+
+PNG_KEY = "tokenbooth"  # the PNG text chunk holding an image's settings as JSON
+CACHE_SIZE = 2  # a base model and one personalized copy: enough for "base vs personalized"
+
+
+def available_models(default: str) -> list[str]:
+    """mini always, the published checkpoints whose files are in the local Hugging Face cache, and the
+    --model the app was started with."""
+    from ..backbones import BUILTIN, presets
+    from ..backbones.hub import cached_file
+
+    names = list(BUILTIN)
+    names += [name for name, (repo, _) in presets().items() if cached_file(repo, "config.json") is not None]
+    return names + ([default] if default not in names else [])
+
+
+def family_of(model: str) -> str | None:
+    """The family of a model name without loading it: the published names' tables, or a folder's
+    tokenbooth.json (mini's). None when only loading would tell."""
+    from ..backbones import BUILTIN, chameleon, janus
+
+    if model in janus.PRESETS:
+        return "janus-pro"
+    if model in chameleon.PRESETS:
+        return "lumina-mgpt"
+    folder = Path(BUILTIN.get(model, model))
+    try:
+        if json.loads((folder / "config.json").read_text()).get("model_type") == "janus":
+            return "janus-pro"
+        return json.loads((folder / "tokenbooth.json").read_text()).get("family")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def sampling_defaults(model: str, subject: Subject | None = None) -> SamplingConfig:
+    """What the Generate form starts from: the family's defaults, then the adapter's recorded settings."""
+    family = family_of(model)
+    known = {f.name for f in fields(SamplingConfig)}
+    recorded = subject.adapter_config().get("sampling", {}) if subject is not None else {}
+    overrides = {k: v for k, v in recorded.items() if k in known}
+    return SamplingConfig.for_family(family or "lumina-mgpt", **overrides)  # an unknown folder: the paper's
+
+
+def base_prompt(prompt: str, placeholder: str) -> str:
+    """The prompt the base model gets in a side-by-side: the subject's placeholder taken out."""
+    return re.sub(r"\s+", " ", prompt.replace(placeholder, " ")).strip()
+
+
+class Models:
+    """Loaded backbones by (model, adapter), least recently used dropped first. One lock: one drawing at a
+    time, as the model's weights are shared."""
+
+    def __init__(self):
+        self._cache: OrderedDict = OrderedDict()
+        self.lock = threading.RLock()
+
+    def get(self, model: str, adapter: Path | None = None):
+        from ..backbones import load_backbone
+
+        key = (model, str(adapter), _mtime(adapter))
+        with self.lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            while len(self._cache) >= CACHE_SIZE:
+                self._cache.popitem(last=False)
+            backbone = load_backbone(model)
+            if adapter is not None:  # load_adapter changes the weights in place: this copy is the subject's
+                from ..personalize import load_adapter
+
+                backbone = load_adapter(backbone, adapter)
+            self._cache[key] = backbone
+            return backbone
+
+    def clear(self) -> None:
+        with self.lock:
+            self._cache.clear()
+
+
+def _mtime(adapter: Path | None) -> float | None:
+    from ..personalize.adapter import CONFIG
+
+    return None if adapter is None else (Path(adapter) / CONFIG).stat().st_mtime
+
+
+def generate(models: Models, workspace: Workspace, model: str, subject: Subject | None, prompt: str, n: int,
+             overrides: dict) -> tuple[list[Path], dict]:
+    """Draws `n` images of `prompt` (with the subject's adapter when given) and saves each as a PNG with its
+    settings in a text chunk. Returns the files and the settings."""
+    if not prompt.strip():
+        raise UserError("write a prompt first")
+    if not 1 <= n <= 16:
+        raise UserError(f"number of images must be 1-16 (got {n})")
+    with models.lock:
+        backbone = models.get(model, subject.folder if subject is not None else None)
+        cfg = SamplingConfig.for_family(backbone.family, **overrides)
+        drawing = draw(backbone, [prompt] * n, cfg)
+    settings = {"tokenbooth_version": __version__, "model": model, "subject": subject.name if subject else None,
+                "prompt": prompt, "num_images": n, **cfg.to_dict(), "seconds": round(drawing.seconds, 2),
+                "forward_passes": drawing.stats.forward_passes}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    label = subject.name if subject else sanitize_name(f"base-{model}")
+    paths = []
+    for i, image in enumerate(drawing.images):
+        path = workspace.generations_dir / f"{stamp}-{label}-s{cfg.seed}-{i}.png"
+        save_png_with_settings(image, path, {**settings, "index": i})
+        paths.append(path)
+    return paths, settings
+
+
+def save_png_with_settings(image, path: Path, settings: dict) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(PNG_KEY, json.dumps(settings))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+
+
+def read_png_settings(path: Path) -> dict:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return json.loads(im.text[PNG_KEY])
