@@ -43,14 +43,16 @@ TINY_JANUS = dict(text_config=dict(hidden_size=256, intermediate_size=704, num_h
                   vision_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, projection_dim=256),
                   vq_config=dict(projection_dim=256, image_token_embed_dim=256))
 
-VARIANTS = {  # name -> (phase, RunSettings fields, TrainConfig fields)
-    "stage1": ("stage1", {}, {}),
-    "stage2-qkv": ("stage2", {}, {}),
-    "stage2-lora": ("stage2", {}, {"layers": "lora"}),
-    "qlora-nf4": ("stage2", {"quantize": "nf4"}, {"layers": "lora"}),
-    "stage1-checkpointing": ("stage1", {}, {"gradient_checkpointing": True}),
-    "sampling-cfg": ("sampling-cfg", {}, {}),
-    "sampling-sjd": ("sampling-sjd", {}, {}),
+VARIANTS = {  # name -> (phase, TrainConfig fields)
+    "stage1": ("stage1", {}),
+    "stage2-qkv": ("stage2", {}),
+    "stage2-lora": ("stage2", {"layers": "lora"}),
+    "qlora-nf4": ("stage2", {"layers": "lora", "quantize": "nf4"}),
+    "stage1-checkpointing": ("stage1", {"gradient_checkpointing": True}),
+    "stage2-qkv-lean": ("stage2", {"gradient_checkpointing": True, "optimizer": "adamw8bit",
+                                   "gradient_accumulation_steps": 2}),
+    "sampling-cfg": ("sampling-cfg", {}),
+    "sampling-sjd": ("sampling-sjd", {}),
 }
 
 
@@ -66,9 +68,9 @@ def checks(skip_large: bool):
 
 
 def settings_for(variant: str, train: dict, num_images: int) -> tuple[str, RunSettings]:
-    phase, fields, train_fields = VARIANTS[variant]
-    return phase, RunSettings(train=TrainConfig(class_name="dog", **train, **train_fields),
-                              sample=SamplingConfig(cfg_scale=4.0, sjd_window=16), num_images=num_images, **fields)
+    phase, train_fields = VARIANTS[variant]
+    return phase, RunSettings(train=TrainConfig.for_family("lumina-mgpt", class_name="dog", **train, **train_fields),
+                              sample=SamplingConfig.for_family("lumina-mgpt", sjd_window=16), num_images=num_images)
 
 
 def predicted_and_measured(model: dict, phase: str, settings: RunSettings) -> tuple[int, int]:

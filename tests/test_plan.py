@@ -17,10 +17,9 @@ from tokenbooth.plan.tracker import fake_run, measured_peak
 from tokenbooth.sampling import SamplingConfig
 
 
-def settings(**kw) -> RunSettings:
-    train = {k: kw.pop(k) for k in list(kw) if k in TrainConfig.__dataclass_fields__}
-    return RunSettings(train=TrainConfig(class_name="dog", batch_size=2, **train), sample=SamplingConfig(cfg_scale=2.0),
-                       num_images=2, **kw)
+def settings(**train) -> RunSettings:
+    return RunSettings(train=TrainConfig.for_family("mini", class_name="dog", **{"batch_size": 2, **train}),
+                       sample=SamplingConfig.for_family("mini", cfg_scale=2.0), num_images=2)
 
 
 @pytest.mark.parametrize("phase,kw", [("stage1", {}), ("stage2", {"layers": "lora", "quantize": "nf4"}),
@@ -58,7 +57,8 @@ def test_fewer_bytes_with_each_lean_option():
         return measure("lumina-mgpt-7b-768", "stage2", settings(**kw), resolution=256, overrides=narrow).peak_bytes
 
     assert peak(layers="lora", quantize="nf4") < peak(layers="lora", quantize="int8") < peak(layers="lora")
-    assert peak(gradient_accumulation_steps=2) < peak()
+    assert peak(batch_size=8, gradient_accumulation_steps=4) < peak(batch_size=8)
+    assert peak(optimizer="adamw8bit") < peak()
 
 
 def test_plan_json_reports_phases_peak_and_fit(capsys, tiny_model_dir):
@@ -101,7 +101,7 @@ def blueprint_configs():
     (["--gpu-memory", "1.001GB"], "nothing fits 1.001GB: training with"),
     (["--quantize", "nf4"], "--layers qkv trains the Q/K/V weights themselves"),
     (["--quantize", "fp3"], "--quantize must be one of none, int8, nf4"),
-    (["--gradient-accumulation-steps", "3"], "--gradient-accumulation-steps must divide --batch-size 2"),
+    (["--gradient-accumulation-steps", "3"], "--gradient-accumulation-steps 3 must divide --batch-size 2"),
 ])
 def test_bad_input_is_one_line(capsys, tiny_model_dir, argv, message):
     code, out, err = run_cli(capsys, "plan", "--model", tiny_model_dir, "--batch-size", "2", *argv)

@@ -3,8 +3,8 @@ fastest first. No weights are read: the model is built from its shipped configur
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import asdict
 
 from ..errors import UserError
 
@@ -27,11 +27,10 @@ def add_parser(subparsers) -> None:
     t.add_argument("--lora-rank", type=int)
     t.add_argument("--lora-every", type=int)
     t.add_argument("--batch-size", type=int, help="pairs per optimizer step (default: the backbone's)")
-    t.add_argument("--gradient-accumulation-steps", type=int, default=1,
-                   help="split each step into this many micro-batches")
+    t.add_argument("--gradient-accumulation-steps", type=int, help="split each step into this many micro-batches")
     t.add_argument("--gradient-checkpointing", action="store_true")
-    t.add_argument("--quantize", default="none", help="frozen base in none, int8 or nf4")
-    t.add_argument("--optimizer", default="adamw", help="adamw or adamw8bit")
+    t.add_argument("--quantize", help="frozen base in none, int8 or nf4 (default: none)")
+    t.add_argument("--optimizer", help="adamw or adamw8bit (default: adamw)")
     s = p.add_argument_group("sampling (as `tokenbooth generate`)")
     s.add_argument("-n", "--num-images", type=int, default=4, help="images drawn in one batch")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale (1.0: no unconditional rows)")
@@ -40,27 +39,22 @@ def add_parser(subparsers) -> None:
 
 
 def settings_from_args(args, family: str):
-    from ..personalize.lean import check_lean_options
-    from ..personalize.recipe import TrainConfig
+    from ..personalize.recipe import TrainConfig, check_train_values
     from ..plan import RunSettings
     from ..sampling import SamplingConfig
 
-    train = {k: getattr(args, k) for k in ("stages", "layers", "lora_rank", "lora_every", "batch_size")
+    given = {k: getattr(args, k) for k in ("stages", "layers", "lora_rank", "lora_every", "batch_size",
+                                           "gradient_accumulation_steps", "quantize", "optimizer")
              if getattr(args, k) is not None}
     train = TrainConfig.for_family(family, class_name="dog", gradient_checkpointing=args.gradient_checkpointing,
-                                   **train)
-    train.validate()
+                                   **given)
+    check_train_values(asdict(train))
     sample = {"cfg_scale": args.cfg, "sjd_window": args.sjd_window}
     sample = SamplingConfig.for_family(family, **{k: v for k, v in sample.items() if v is not None})
     sample.validate()
     if args.num_images < 1:
         raise UserError(f"--num-images must be >= 1 (got {args.num_images})")
-    accum = args.gradient_accumulation_steps
-    if accum < 1 or train.batch_size % accum:
-        raise UserError(f"--gradient-accumulation-steps must divide --batch-size {train.batch_size} (got {accum})")
-    check_lean_options(args.quantize, args.optimizer, train.layers if train.stages != "embedding" else "")
-    return RunSettings(train=train, sample=sample, quantize=args.quantize, optimizer=args.optimizer,
-                       gradient_accumulation_steps=accum, num_images=args.num_images)
+    return RunSettings(train=train, sample=sample, num_images=args.num_images)
 
 
 def run(args) -> None:

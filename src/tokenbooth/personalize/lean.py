@@ -54,6 +54,14 @@ def _require(module: str, what: str) -> None:
                         f"{str(e).splitlines()[0] if str(e) else ''}); pip install {module}") from None
 
 
+def decoder_layers(backbone) -> list[torch.nn.Module]:
+    """The transformer blocks: the modules holding the attention layers stage 2 adapts. Their Linear layers
+    are what a quantized base quantizes."""
+    modules = dict(backbone.model.named_modules())
+    names = {id(m): n for n, m in modules.items()}
+    return [modules[names[id(attn)].rsplit(".", 1)[0]] for attn in backbone.attention_layers()]
+
+
 def quantize_layers(layers: list[torch.nn.Module], kind: str, copy_layouts: bool = False) -> int:
     """Replaces every nn.Linear inside `layers` (the decoder layers) by a `QuantizedLinear` holding its weight
     in `kind`, frozen. Returns how many were replaced.

@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..io import atomic_path, atomic_save_image, atomic_write_json, read_json_object
 from ..vq import pil_to_tensor
 from . import adapter as adapter_files
+from .lean import make_optimizer
 from .templates import OBJECT_TEMPLATES, training_prompt
 
 STAGE_PLANS = {
@@ -60,6 +61,10 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int = 100
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~30% slower
+    # Memory-lean options (lean.py; `tokenbooth plan` tells which a GPU needs):
+    gradient_accumulation_steps: int = 1  # each step in this many micro-batches: batch_size / this pairs at once
+    quantize: str = "none"  # frozen base in "int8" or "nf4" (with --layers lora: QLoRA)
+    optimizer: str = "adamw"  # "adamw8bit": AdamW's two moments in 8 bits
 
     @classmethod
     def for_family(cls, family: str, **overrides) -> "TrainConfig":
@@ -87,7 +92,7 @@ def stage_plan(stages: str, stage1_steps: int, stage2_steps: int) -> list[tuple[
 
 
 COUNTS = ("stage1_steps", "stage2_steps", "batch_size", "lora_rank", "lora_every", "checkpointing_steps",
-          "validation_steps", "num_class_images")
+          "validation_steps", "num_class_images", "gradient_accumulation_steps")
 RATES = ("stage1_lr", "stage2_lr")
 
 
@@ -115,6 +120,14 @@ def check_train_values(values: dict) -> None:
                             f"(got {value})")
     if given.get("layers") not in (None, "qkv", "lora"):
         layer_patterns(given["layers"])
+    accumulation, batch = given.get("gradient_accumulation_steps"), given.get("batch_size")
+    if accumulation and batch and batch % accumulation:
+        raise UserError(f"--gradient-accumulation-steps {accumulation} must divide --batch-size {batch} (equal "
+                        f"micro-batches give the big batch's gradient)")
+    from .lean import check_lean_options
+
+    check_lean_options(given.get("quantize", "none"), given.get("optimizer", "adamw"),
+                       given.get("layers", "qkv") if given.get("stages") != "embedding" else "")
 
 
 def layer_patterns(layers: str) -> list[re.Pattern]:
@@ -158,7 +171,7 @@ class Placeholder:
                 raise UserError(f"--init-token {cfg.init_token!r} has no tokens")
             init = table[ids].float().mean(0)
         else:  # random, at the scale of the existing rows
-            init = torch.randn(table.shape[1], generator=generator).to(table.device) * table.float().std()
+            init = torch.randn(table.shape[1], generator=generator).to(table.device) * _std(table)
         # fp32 master copy even when the model is bf16, on the table's device
         self.embedding = torch.nn.Parameter(init.float().clone())
 
@@ -170,6 +183,13 @@ class Placeholder:
 
     def prompt_ids(self, backbone, prompt: str) -> list[int]:
         return backbone.prompt_ids(adapter_files.substitute_placeholder(prompt, self.text, self.token))
+
+
+def _std(table: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """The table's standard deviation in fp32, a block of rows at a time: no fp32 copy of the whole table
+    (1 GB for Lumina-mGPT's 65,536 x 4096)."""
+    mean = sum(block.float().sum() for block in table.split(rows)) / table.numel()
+    return (sum(((block.float() - mean) ** 2).sum() for block in table.split(rows)) / (table.numel() - 1)).sqrt()
 
 
 def reference_tokens(backbone, images, flip: bool) -> torch.Tensor:
@@ -274,20 +294,41 @@ def make_batch(backbone, placeholder: Placeholder, cfg: TrainConfig, codes: torc
     return ids, lab
 
 
-def batch_loss(backbone, placeholder: Placeholder, ids, labels, autocast) -> torch.Tensor:
+LOSS_CHUNK_TOKENS = 4096  # image-head rows per loss chunk: (4096, K) fp32 logits alive at a time, 134 MB for K = 8192
+
+
+def batch_loss(backbone, placeholder: Placeholder, ids, labels, autocast, chunk_tokens: int = LOSS_CHUNK_TOKENS
+               ) -> torch.Tensor:
     """Mean cross-entropy of the next image code, over the image codes only.
 
     The softmax runs over the K codes of `image_head`, not the whole vocabulary. That is Janus-Pro's own loss
     (its generation head has no text columns) and, for Lumina-mGPT, the log-likelihood of what its sampler
     actually draws (text tokens are masked at image positions); it differs from the full-vocabulary
     cross-entropy Lumina-mGPT trains with by the mass that softmax gives text tokens, which sampling never
-    uses. It also skips 7/8 of Chameleon's output layer, and the head runs only where there is a label."""
+    uses. It also skips 7/8 of Chameleon's output layer.
+
+    The hidden states are computed once; the head and the cross-entropy run over chunks of about
+    `chunk_tokens` positions, each under activation checkpointing, so the (batch, sequence, K) logits never
+    exist whole, in the forward pass or the backward (Lumina-mGPT 768, batch 8: 0.27 GB a chunk instead of
+    5 GB at once). Prompt positions go through the head too and are ignored by the loss (-100): about 2% more
+    head work, and no shape that depends on the labels' values."""
+    from torch.utils.checkpoint import checkpoint
+
     targets = labels[:, 1:]
-    scored = targets >= 0
     with autocast():
         hidden, _ = backbone.hidden_states(inputs_embeds=placeholder.embed(backbone, ids))
-        logits = backbone.image_head(hidden[:, :-1][scored.to(hidden.device)])
-    return F.cross_entropy(logits.float(), targets[scored].to(logits.device))
+    hidden = hidden[:, :-1]
+    targets = targets.to(hidden.device)
+    width = max(1, chunk_tokens // hidden.shape[0])
+
+    def chunk_loss(h, t):
+        with autocast():
+            logits = backbone.image_head(h)
+        return F.cross_entropy(logits.float().flatten(0, 1), t.flatten(), ignore_index=-100, reduction="sum")
+
+    total = sum(checkpoint(chunk_loss, hidden[:, i:i + width], targets[:, i:i + width], use_reentrant=False)
+                for i in range(0, hidden.shape[1], width))
+    return total / (targets >= 0).sum()
 
 
 # --- before the run -------------------------------------------------------------------------------
@@ -387,6 +428,52 @@ def _autocast_for(backbone):
     return lambda: torch.autocast(device, dtype=dtype)  # trainable fp32 copies, bf16 compute
 
 
+def prepare_layers(backbone, cfg: TrainConfig):
+    """Freezes the model, quantizes its frozen base if asked (lean.py; a no-op on a base loaded quantized) and
+    picks stage 2's parameters: LoRA injected on Q/K/V, or the named weights. Returns (lora config or None,
+    {name: parameter}). The picked weights stay in the model's dtype until a stage trains them (`train_layers`)."""
+    from .lean import decoder_layers, quantize_layers, refuse_quantized
+
+    for p in backbone.model.parameters():
+        p.requires_grad_(False)
+    quantize_layers(decoder_layers(backbone), cfg.quantize)
+    if cfg.layers == "lora":
+        lora_config = add_lora(backbone, cfg)
+        return lora_config, lora_params(backbone)
+    return None, refuse_quantized(select_layer_params(backbone, cfg))
+
+
+def train_layers(layer_params: dict, train: bool) -> None:
+    """Layers join (stage 2, joint) as fp32 master weights, autocast computing in the model's dtype; stage 1
+    leaves them as they are, in the model's dtype, and frozen."""
+    for p in layer_params.values():
+        if train and p.dtype != torch.float32:
+            p.data = p.data.float()
+        p.requires_grad_(train)
+
+
+def train_step(backbone, placeholder: Placeholder, batches: list, cfg: TrainConfig, optimizer, trainable: list,
+               autocast, check_loss=None) -> torch.Tensor:
+    """One optimizer step. `batches`: [(ids, labels, weight)], the subject's pairs and (prior preservation) the
+    class's; each is split into `cfg.gradient_accumulation_steps` micro-batches whose gradients add up to the
+    whole batch's (every pair holds the same number of image tokens, so the micro-batch means weigh equally).
+    `check_loss(loss)` sees each micro-batch's loss before its backward pass. Gradients are released after
+    the step, so the next forward pass runs without them. Returns the step's loss."""
+    total = 0.0
+    for ids, labels, weight in batches:
+        parts = list(zip(ids.chunk(cfg.gradient_accumulation_steps), labels.chunk(cfg.gradient_accumulation_steps)))
+        for part_ids, part_labels in parts:
+            loss = weight * batch_loss(backbone, placeholder, part_ids, part_labels, autocast) / len(parts)
+            if check_loss is not None:
+                check_loss(loss)
+            loss.backward()
+            total = total + loss.detach()
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
 def stage_params(stage: str, placeholder: Placeholder, layer_params: dict, cfg: TrainConfig):
     """Optimizer parameter groups of a stage."""
     if stage == "embedding":
@@ -414,13 +501,7 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
         atomic_write_json(out / RUN_FILE, {"config": asdict(cfg), "source": source or {}})
     prior = class_tokens(backbone, cfg, out) if cfg.prior_preservation else None
 
-    for p in backbone.model.parameters():
-        p.requires_grad_(False)
-    lora_config = add_lora(backbone, cfg) if cfg.layers == "lora" else None
-    layer_params = lora_params(backbone) if lora_config else select_layer_params(backbone, cfg)
-    for p in layer_params.values():
-        if p.dtype != torch.float32:
-            p.data = p.data.float()  # fp32 master weights; autocast computes in the model's dtype
+    lora_config, layer_params = prepare_layers(backbone, cfg)
 
     state = RunState()
     checkpoint = latest_checkpoint(out) if resume else None
@@ -435,9 +516,8 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
         if stage_index < state.stage_index:
             continue
         trainable = [placeholder.embedding] + (list(layer_params.values()) if stage != "embedding" else [])
-        for p in layer_params.values():
-            p.requires_grad_(stage != "embedding")
-        optimizer = torch.optim.AdamW(stage_params(stage, placeholder, layer_params, cfg), weight_decay=0.0)
+        train_layers(layer_params, stage != "embedding")
+        optimizer = make_optimizer(cfg.optimizer, stage_params(stage, placeholder, layer_params, cfg))
         if saved is not None and stage_index == state.stage_index and saved.get("optimizer"):
             optimizer.load_state_dict(saved["optimizer"])
         saved = None
@@ -446,19 +526,18 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
         bar = _bar(steps, state.step, f"stage {stage_index + 1}/{len(cfg.plan)} ({stage})", progress)
         t0 = time.time()
         while state.step < steps:
-            ids, labels = make_batch(backbone, placeholder, cfg, codes, generator, subject=True)
-            loss = batch_loss(backbone, placeholder, ids, labels, autocast)
+            batches = [(*make_batch(backbone, placeholder, cfg, codes, generator, subject=True), 1.0)]
             if prior is not None:
-                ids, labels = make_batch(backbone, placeholder, cfg, prior, generator, subject=False)
-                loss = loss + cfg.prior_loss_weight * batch_loss(backbone, placeholder, ids, labels, autocast)
-            if not math.isfinite(loss.item()):
-                last = latest_checkpoint(out)
-                raise UserError(f"loss became {loss.item()} at step {state.global_step + 1}; stopped"
-                                + (f" (last good checkpoint: {last})" if last else "") + "; try a lower learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
+                batches.append((*make_batch(backbone, placeholder, cfg, prior, generator, subject=False),
+                                cfg.prior_loss_weight))
+
+            def check_loss(loss, step=state.global_step + 1):
+                if not math.isfinite(loss.item()):
+                    last = latest_checkpoint(out)
+                    raise UserError(f"loss became {loss.item()} at step {step}; stopped"
+                                    + (f" (last good checkpoint: {last})" if last else "") + "; try a lower learning rate")
+
+            loss = train_step(backbone, placeholder, batches, cfg, optimizer, trainable, autocast, check_loss)
             state.step += 1
             state.global_step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -516,8 +595,8 @@ def save_checkpoint(out: Path, state: RunState, placeholder: Placeholder, layer_
     tmp = out / "checkpoints" / f".step-{state.global_step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {"placeholder": placeholder.embedding.detach().cpu().clone(),
-               **{f"layer.{k}": v.detach().cpu().clone() for k, v in layer_params.items()}}
+    tensors = {"placeholder": placeholder.embedding.detach().cpu().clone(),  # layers: once they train
+               **{f"layer.{k}": v.detach().cpu().clone() for k, v in layer_params.items() if v.requires_grad}}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
@@ -538,7 +617,9 @@ def load_checkpoint(folder: Path, placeholder: Placeholder, layer_params: dict, 
     with torch.no_grad():
         placeholder.embedding.copy_(tensors["placeholder"])
         for k, v in layer_params.items():
-            v.copy_(tensors[f"layer.{k}"])
+            if f"layer.{k}" in tensors:  # saved while training: fp32 masters, which stay fp32
+                train_layers({k: v}, True)
+                v.copy_(tensors[f"layer.{k}"])
     saved = torch.load(folder / "state.pt", weights_only=True)
     generator.set_state(saved["generator"])
     torch.set_rng_state(saved["torch_rng"])

@@ -101,38 +101,40 @@ def candidates(settings: RunSettings) -> list[RunSettings]:
     train = settings.train
     trains_layers = train.stages != "embedding"
     layer_options = [train.layers] + (["lora"] if train.layers == "qkv" and trains_layers else [])
-    accumulations = [a for a in (1, 2, 4, 8, 16) if train.batch_size % a == 0 and a >= settings.gradient_accumulation_steps]
+    accumulations = [a for a in (1, 2, 4, 8, 16)
+                     if train.batch_size % a == 0 and a >= train.gradient_accumulation_steps]
     out = []
     for layers, ckpt, accum, optimizer, quantize in itertools.product(
-            layer_options, (train.gradient_checkpointing, True), accumulations, (settings.optimizer, "adamw8bit"),
-            (settings.quantize, "int8", "nf4")):
+            layer_options, (train.gradient_checkpointing, True), accumulations, (train.optimizer, "adamw8bit"),
+            (train.quantize, "int8", "nf4")):
         if quantize != "none" and layers != "lora" and trains_layers:
             continue  # full Q/K/V needs an unquantized base
-        option = replace(settings, train=replace(train, layers=layers, gradient_checkpointing=ckpt),
-                         gradient_accumulation_steps=accum, optimizer=optimizer, quantize=quantize)
+        option = replace(settings, train=replace(train, layers=layers, gradient_checkpointing=ckpt, optimizer=optimizer,
+                                                 gradient_accumulation_steps=accum, quantize=quantize))
         if all(_key(option) != _key(o) for o in out):
             out.append(option)
     return sorted(out, key=lambda o: (_key(o) != _key(settings), _expected_time(o)))
 
 
 def _key(s: RunSettings) -> tuple:
-    return (s.train.layers, s.train.gradient_checkpointing, s.gradient_accumulation_steps, s.optimizer, s.quantize)
+    t = s.train
+    return (t.layers, t.gradient_checkpointing, t.gradient_accumulation_steps, t.optimizer, t.quantize)
 
 
 def _expected_time(s: RunSettings) -> float:
-    return ((CHECKPOINTING_SLOWDOWN if s.train.gradient_checkpointing else 1.0) * QUANTIZE_SLOWDOWN[s.quantize]
-            * (1 + MICRO_BATCH_OVERHEAD * (s.gradient_accumulation_steps - 1)))
+    t = s.train
+    return ((CHECKPOINTING_SLOWDOWN if t.gradient_checkpointing else 1.0) * QUANTIZE_SLOWDOWN[t.quantize]
+            * (1 + MICRO_BATCH_OVERHEAD * (t.gradient_accumulation_steps - 1)))
 
 
 def _needs_more_memory(a: RunSettings, b: RunSettings) -> bool:
     """a needs at least b's memory: on no axis is it leaner."""
     if a.train.gradient_checkpointing and not b.train.gradient_checkpointing:
         return False
-    if a.gradient_accumulation_steps > b.gradient_accumulation_steps:
+    if a.train.gradient_accumulation_steps > b.train.gradient_accumulation_steps:
         return False
     for axis, order in MEMORY_ORDER.items():
-        va = getattr(a.train if axis == "layers" else a, axis)
-        vb = getattr(b.train if axis == "layers" else b, axis)
+        va, vb = getattr(a.train, axis), getattr(b.train, axis)
         if va in order and vb in order and order.index(va) < order.index(vb):
             return False
     return True
@@ -141,9 +143,9 @@ def _needs_more_memory(a: RunSettings, b: RunSettings) -> bool:
 def relative_time(plan: Plan) -> float:
     """Step time up to a constant: the training phases' FLOPs (recomputation under checkpointing counted),
     times the quantization and micro-batch factors above."""
-    s = plan.settings
+    t = plan.settings.train
     flops = sum(p.flops for name, p in plan.phases.items() if name not in SAMPLING_PHASES)
-    return flops * QUANTIZE_SLOWDOWN[s.quantize] * (1 + MICRO_BATCH_OVERHEAD * (s.gradient_accumulation_steps - 1))
+    return flops * QUANTIZE_SLOWDOWN[t.quantize] * (1 + MICRO_BATCH_OVERHEAD * (t.gradient_accumulation_steps - 1))
 
 
 def fitting_settings(model: str, settings: RunSettings, budget: int, resolution: int | None = None,
@@ -157,7 +159,8 @@ def fitting_settings(model: str, settings: RunSettings, budget: int, resolution:
         plan = Plan(model, option)
         for stage, _ in option.train.plan:
             phase = STAGE_PHASES[stage]
-            key = (option.train.gradient_checkpointing, option.gradient_accumulation_steps, option.quantize)
+            t = option.train
+            key = (t.gradient_checkpointing, t.gradient_accumulation_steps, t.quantize)
             if phase != "stage1" or key not in stage1:
                 result = measure(model, phase, option, resolution)
                 if phase != "stage1":
@@ -185,15 +188,14 @@ def fitting_settings(model: str, settings: RunSettings, budget: int, resolution:
     return sorted(fits, key=relative_time)
 
 
-def describe(settings: RunSettings, base: RunSettings | None = None) -> str:
-    """The flags that give these settings (those that differ from `base`, or all the lean ones)."""
+def describe(settings: RunSettings) -> str:
+    """The `tokenbooth train` flags that give these settings' memory-relevant choices."""
     t = settings.train
-    flags = [f"--layers {t.layers}" if t.stages != "embedding" else "",
-             "--gradient-checkpointing" if t.gradient_checkpointing else "",
-             f"--batch-size {t.batch_size} --gradient-accumulation-steps {settings.gradient_accumulation_steps}"
-             if settings.gradient_accumulation_steps > 1 else f"--batch-size {t.batch_size}",
-             f"--optimizer {settings.optimizer}" if settings.optimizer != "adamw" else "",
-             f"--quantize {settings.quantize}" if settings.quantize != "none" else ""]
+    flags = [f"--layers {t.layers}" if t.stages != "embedding" else f"--stages {t.stages}",
+             "--gradient-checkpointing" if t.gradient_checkpointing else "", f"--batch-size {t.batch_size}",
+             f"--gradient-accumulation-steps {t.gradient_accumulation_steps}" if t.gradient_accumulation_steps > 1 else "",
+             f"--optimizer {t.optimizer}" if t.optimizer != "adamw" else "",
+             f"--quantize {t.quantize}" if t.quantize != "none" else ""]
     return " ".join(f for f in flags if f)
 
 

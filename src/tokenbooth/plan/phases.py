@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..personalize.lean import make_optimizer, quantize_layers, refuse_quantized
-from ..personalize.recipe import (Placeholder, TrainConfig, _autocast_for, add_lora, batch_loss,
-                                  enable_gradient_checkpointing, lora_params, select_layer_params, stage_params)
+from ..personalize.lean import decoder_layers, make_optimizer, quantize_layers
+from ..personalize.recipe import (Placeholder, TrainConfig, _autocast_for, enable_gradient_checkpointing,
+                                  prepare_layers, stage_params, train_layers, train_step)
 from ..sampling import SamplingConfig
 
 PROMPT = "a photo of [V] dog on the beach"  # the length of a typical prompt; planning needs no more of it
@@ -27,78 +27,45 @@ REFERENCES = 4  # reference images encoded in stage 1's setup (DreamBench has 4-
 
 @dataclass
 class RunSettings:
-    """Everything a plan varies: the recipe's settings, the lean options and the sampler's."""
+    """Everything a plan varies: the recipe's settings (the lean options among them) and the sampler's."""
 
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(class_name="dog"))
-    sample: SamplingConfig = field(default_factory=SamplingConfig)
-    quantize: str = "none"  # frozen base: none, int8, nf4
-    optimizer: str = "adamw"  # adamw, adamw8bit
-    gradient_accumulation_steps: int = 1  # micro-batches of batch_size / this per optimizer step
+    train: TrainConfig = field(default_factory=lambda: TrainConfig.for_family("lumina-mgpt", class_name="dog"))
+    sample: SamplingConfig = field(default_factory=lambda: SamplingConfig.for_family("lumina-mgpt"))
     num_images: int = 4  # images drawn together by `generate` (its -n)
-
-    @property
-    def micro_batch(self) -> int:
-        return max(1, self.train.batch_size // self.gradient_accumulation_steps)
-
-
-def decoder_layers(backbone) -> list[torch.nn.Module]:
-    """The transformer blocks: the modules holding the attention layers stage 2 adapts."""
-    modules = dict(backbone.model.named_modules())
-    names = {id(m): n for n, m in modules.items()}
-    return [modules[names[id(attn)].rsplit(".", 1)[0]] for attn in backbone.attention_layers()]
 
 
 def quantize_base(backbone, settings: RunSettings, fake: bool = False) -> None:
     """What loading with --quantize does: the decoder layers' weights in 4 or 8 bits (on the CPU, before
     the model moves to the GPU: not part of any phase's peak)."""
-    quantize_layers(decoder_layers(backbone), settings.quantize, copy_layouts=fake)
+    quantize_layers(decoder_layers(backbone), settings.train.quantize, copy_layouts=fake)
 
 
-def training_batch(backbone, placeholder: Placeholder, cfg: TrainConfig, batch: int):
-    """A batch shaped like the recipe's: a prompt with [V], the image block, labels on the image tokens.
-    (The values do not matter for memory; the shapes are the recipe's.)"""
-    layout = backbone.layout
+def training_batch(backbone, placeholder: Placeholder, cfg: TrainConfig):
+    """A batch shaped like the recipe's make_batch: a prompt with [V], the image block; labels (image codes)
+    everywhere. Values do not matter for memory, shapes do."""
     prefix = len(placeholder.prompt_ids(backbone, PROMPT))
-    length = prefix + layout.body_length
-    ids = torch.full((batch, length), layout.image_end, dtype=torch.long)
-    labels = torch.full((batch, length), getattr(backbone, "logit_offset", 0), dtype=torch.long)  # image code 0
-    return ids, labels
+    shape = (cfg.batch_size, prefix + backbone.layout.body_length)
+    return torch.full(shape, backbone.layout.image_end, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
 
 
 def train_phase(backbone, stage: str, settings: RunSettings, steps: int = 2) -> None:
-    """Sets the backbone up as the recipe does for `stage` ("embedding" or "layers") and takes `steps`
-    optimizer steps. Used on fake tensors (planning) and on real ones (validation)."""
+    """Sets the backbone up as the recipe's `train` does for `stage` ("embedding", "layers" or "joint") and
+    takes `steps` optimizer steps through the recipe's `train_step`. Used on fake tensors (planning) and on
+    real ones (validation)."""
     cfg = settings.train
     generator = torch.Generator().manual_seed(cfg.seed)
-    for p in backbone.model.parameters():
-        p.requires_grad_(False)
-    if stage == "embedding":
+    if stage == "embedding" or cfg.stages == "joint":  # the references are encoded before the first stage
         backbone.encode_images(torch.zeros(REFERENCES, 3, backbone.resolution, backbone.resolution))
     placeholder = Placeholder(backbone, cfg, generator)
-    layer_params = {}
-    if stage != "embedding":
-        if cfg.layers == "lora":
-            add_lora(backbone, cfg)
-            layer_params = lora_params(backbone)
-        else:
-            layer_params = refuse_quantized(select_layer_params(backbone, cfg))
-        for p in layer_params.values():
-            if p.dtype != torch.float32:
-                p.data = p.data.float()  # fp32 master weights, as the recipe keeps them
-            p.requires_grad_(True)
+    _, layer_params = prepare_layers(backbone, cfg)
+    train_layers(layer_params, stage != "embedding")
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(backbone)
-    autocast = _autocast_for(backbone)
-    trainable = [placeholder.embedding, *layer_params.values()]
-    optimizer = _optimizer(settings.optimizer, stage_params(stage, placeholder, layer_params, cfg))
-    ids, labels = training_batch(backbone, placeholder, cfg, settings.micro_batch)
+    trainable = [placeholder.embedding] + (list(layer_params.values()) if stage != "embedding" else [])
+    optimizer = _optimizer(cfg.optimizer, stage_params(stage, placeholder, layer_params, cfg))
+    batch = (*training_batch(backbone, placeholder, cfg), 1.0)
     for _ in range(steps):
-        for _ in range(settings.gradient_accumulation_steps):
-            loss = batch_loss(backbone, placeholder, ids, labels, autocast) / settings.gradient_accumulation_steps
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(backbone, placeholder, [batch], cfg, optimizer, trainable, _autocast_for(backbone))
 
 
 def _optimizer(kind: str, groups: list[dict]):
@@ -132,7 +99,7 @@ def sampling_phase(backbone, settings: RunSettings, window: int = 1) -> None:
     ids = torch.full((rows, window), backbone.layout.image_end, dtype=torch.long)
     positions = torch.arange(past, past + window).expand(rows, window)
     with _autocast_for(backbone)():
-        logits, cache = backbone.logits(ids, position_ids=positions, past_key_values=cache)
+        logits, cache = backbone.image_logits(ids, position_ids=positions, cache=cache)
     logits = logits.float().softmax(-1)  # the processors' distribution over the window
     del cache, logits
     layout = backbone.layout
