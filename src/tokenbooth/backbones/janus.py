@@ -160,7 +160,7 @@ class JanusBackbone(ImageLogits):
 
 
 def load_janus(folder: Path, name: str | None = None, dtype=None, resolution: int | None = None,
-               device: str | None = None) -> JanusBackbone:
+               device: str | None = None, quantize: str = "none") -> JanusBackbone:
     from tokenizers import Tokenizer
 
     from .hf import load_pretrained, quiet_imports, read_config, require
@@ -174,7 +174,8 @@ def load_janus(folder: Path, name: str | None = None, dtype=None, resolution: in
     if resolution is not None and resolution != native:
         raise UserError(f"Janus-Pro draws {native}x{native} images only (got --resolution {resolution})")
     tokenizer_path = require(folder / "tokenizer.json")
-    model, _ = load_pretrained(JanusForConditionalGeneration, folder, dtype=dtype, device=device)
+    model, _ = load_pretrained(JanusForConditionalGeneration, folder, dtype=dtype, device=device, quantize=quantize,
+                               decoder_layers=lambda m: list(m.model.language_model.layers))
     model.model.vqmodel.float()  # small, and its codebook search should not round in bf16
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_path))

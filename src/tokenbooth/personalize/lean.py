@@ -46,9 +46,12 @@ def _require(module: str, what: str) -> None:
     import importlib
     import logging
 
-    logging.getLogger(module).setLevel(logging.ERROR)  # both print import-time notes about optional kernels
+    from ..backbones.hf import quiet_imports
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # notes about optional CPU kernels at import
     try:
-        importlib.import_module(module)
+        with quiet_imports():
+            importlib.import_module(module)
     except Exception as e:  # a missing package, or one built for another platform
         raise UserError(f"{what} needs {module}, which cannot be imported here ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); pip install {module}") from None

@@ -437,6 +437,8 @@ def prepare_layers(backbone, cfg: TrainConfig):
     for p in backbone.model.parameters():
         p.requires_grad_(False)
     quantize_layers(decoder_layers(backbone), cfg.quantize)
+    if cfg.stages == "embedding":
+        return None, {}
     if cfg.layers == "lora":
         lora_config = add_lora(backbone, cfg)
         return lora_config, lora_params(backbone)
