@@ -88,9 +88,9 @@ def test_plan_table_for_a_janus_config(capsys, tmp_path):
 
 
 def blueprint_configs():
-    from tokenbooth.plan.blueprints import CONFIGS
+    from tokenbooth.assets import CONFIGS_DIR
 
-    return CONFIGS
+    return CONFIGS_DIR
 
 
 @pytest.mark.parametrize("argv,message", [

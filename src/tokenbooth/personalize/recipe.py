@@ -26,6 +26,7 @@ from ..io import atomic_path, atomic_save_image, atomic_write_json, read_json_ob
 from ..vq import pil_to_tensor
 from . import adapter as adapter_files
 from .lean import make_optimizer
+from .sharded import Sharding, clip_gradients, full, load_optimizer, whole_optimizer_state
 from .templates import OBJECT_TEMPLATES, training_prompt
 
 STAGE_PLANS = {
@@ -336,12 +337,17 @@ def batch_loss(backbone, placeholder: Placeholder, ids, labels, autocast, chunk_
 RUN_FILE = "train_config.json"  # {"config": the TrainConfig, "source": ...}: --resume continues exactly that run
 
 
-def check_run(backbone, cfg: TrainConfig, out: Path, resume: bool) -> None:
+def check_run(backbone, cfg: TrainConfig, out: Path, resume: bool, sharding=None) -> None:
     """Everything that would stop the run, checked before it writes anything: the settings, the class word,
     the --layers targets, the sequence length, and what `out` already holds."""
     from ..io import check_can_create
 
     cfg.validate()
+    if sharding is not None:
+        sharding.check(cfg.batch_size, cfg.gradient_accumulation_steps)
+        if cfg.optimizer != "adamw" or cfg.quantize != "none" or cfg.prior_preservation:
+            raise UserError("a sharded run (several processes) trains with --optimizer adamw on an unquantized "
+                            "base, without --prior-preservation (FSDP already splits AdamW's state over the GPUs)")
     check_class_name(backbone, cfg.class_name)
     if cfg.layers != "lora":
         select_layer_params(backbone, cfg)
@@ -359,6 +365,8 @@ def check_run(backbone, cfg: TrainConfig, out: Path, resume: bool) -> None:
         raise UserError(f"{out} already holds an adapter; choose another output folder")
     elif latest_checkpoint(out) is not None:
         raise UserError(f"{out} holds an unfinished run; resume it (train --resume) or choose another output folder")
+    if sharding is not None:
+        sharding.barrier()  # every process has looked at `out` before the first one writes there
 
 
 def check_training_fits(backbone, cfg: TrainConfig) -> None:
@@ -455,12 +463,13 @@ def train_layers(layer_params: dict, train: bool) -> None:
 
 
 def train_step(backbone, placeholder: Placeholder, batches: list, cfg: TrainConfig, optimizer, trainable: list,
-               autocast, check_loss=None) -> torch.Tensor:
+               autocast, check_loss=None, sharding=None) -> torch.Tensor:
     """One optimizer step. `batches`: [(ids, labels, weight)], the subject's pairs and (prior preservation) the
     class's; each is split into `cfg.gradient_accumulation_steps` micro-batches whose gradients add up to the
     whole batch's (every pair holds the same number of image tokens, so the micro-batch means weigh equally).
     `check_loss(loss)` sees each micro-batch's loss before its backward pass. Gradients are released after
-    the step, so the next forward pass runs without them. Returns the step's loss."""
+    the step, so the next forward pass runs without them. In a sharded run (sharded.py) `batches` are this
+    process's share and [V]'s gradient is averaged over the processes. Returns the step's loss."""
     total = 0.0
     for ids, labels, weight in batches:
         parts = list(zip(ids.chunk(cfg.gradient_accumulation_steps), labels.chunk(cfg.gradient_accumulation_steps)))
@@ -470,7 +479,9 @@ def train_step(backbone, placeholder: Placeholder, batches: list, cfg: TrainConf
                 check_loss(loss)
             loss.backward()
             total = total + loss.detach()
-    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    if sharding is not None:
+        sharding.average(placeholder.embedding.grad)
+    clip_gradients(trainable, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total
@@ -494,12 +505,14 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
     stop_after: end the run (checkpoint written) after this many steps in all, as an interruption would.
     source: what the caller wants recorded about where the run came from (the command: model, image folder)."""
     out = Path(out)
-    check_run(backbone, cfg, out, resume)  # every refusal comes before anything is written
+    sharding = Sharding.from_environment()  # one of several processes (accelerate launch): sharded.py
+    check_run(backbone, cfg, out, resume, sharding)  # every refusal comes before anything is written
+    main = sharding is None or sharding.main  # the process that writes files
     generator = torch.Generator().manual_seed(cfg.seed)
     placeholder = Placeholder(backbone, cfg, generator)
     codes = reference_tokens(backbone, images, cfg.flip)
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume and main:
         atomic_write_json(out / RUN_FILE, {"config": asdict(cfg), "source": source or {}})
     prior = class_tokens(backbone, cfg, out) if cfg.prior_preservation else None
 
@@ -513,15 +526,18 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(backbone)
     log_path = out / "log.jsonl"
-    _truncate_log(log_path, state.global_step)  # an interrupted run may have logged past its last checkpoint
+    if main:
+        _truncate_log(log_path, state.global_step)  # an interrupted run may have logged past its last checkpoint
     for stage_index, (stage, steps) in enumerate(cfg.plan):
         if stage_index < state.stage_index:
             continue
-        trainable = [placeholder.embedding] + (list(layer_params.values()) if stage != "embedding" else [])
         train_layers(layer_params, stage != "embedding")
+        if sharding is not None and stage != "embedding":
+            layer_params = sharding.shard(backbone, layer_params)
+        trainable = [placeholder.embedding] + (list(layer_params.values()) if stage != "embedding" else [])
         optimizer = make_optimizer(cfg.optimizer, stage_params(stage, placeholder, layer_params, cfg))
         if saved is not None and stage_index == state.stage_index and saved.get("optimizer"):
-            optimizer.load_state_dict(saved["optimizer"])
+            load_optimizer(optimizer, saved["optimizer"])
         saved = None
         if stage_index > state.stage_index:
             state.stage_index, state.step = stage_index, 0
@@ -532,6 +548,8 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
             if prior is not None:
                 batches.append((*make_batch(backbone, placeholder, cfg, prior, generator, subject=False),
                                 cfg.prior_loss_weight))
+            if sharding is not None:  # every process drew the same pairs; each trains on its share
+                batches = [(*sharding.local(ids, labels), weight) for ids, labels, weight in batches]
 
             def check_loss(loss, step=state.global_step + 1):
                 if not math.isfinite(loss.item()):
@@ -539,19 +557,23 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
                     raise UserError(f"loss became {loss.item()} at step {step}; stopped"
                                     + (f" (last good checkpoint: {last})" if last else "") + "; try a lower learning rate")
 
-            loss = train_step(backbone, placeholder, batches, cfg, optimizer, trainable, autocast, check_loss)
+            loss = train_step(backbone, placeholder, batches, cfg, optimizer, trainable, autocast, check_loss, sharding)
+            if sharding is not None:
+                sharding.average(loss)  # the whole batch's loss, as one process would log it
             state.step += 1
             state.global_step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
             bar.update(1)
-            _append_log(log_path, {"step": state.global_step, "stage": stage, "loss": round(loss.item(), 5),
-                                   "seconds": round(time.time() - t0, 3)})
+            if main:
+                _append_log(log_path, {"step": state.global_step, "stage": stage, "loss": round(loss.item(), 5),
+                                       "seconds": round(time.time() - t0, 3)})
             t0 = time.time()
             finished = state.step == steps and stage_index == len(cfg.plan) - 1
             if state.global_step % cfg.checkpointing_steps == 0 or state.global_step == stop_after:
-                save_checkpoint(out, state, placeholder, layer_params, optimizer, generator)
+                save_checkpoint(out, state, placeholder, layer_params, optimizer, generator, sharding)
             if cfg.validation_prompts and state.global_step % cfg.validation_steps == 0 and not finished:
-                render_validation(backbone, placeholder, cfg, out / "validation" / f"step-{state.global_step}.png")
+                render_validation(backbone, placeholder, cfg, out / "validation" / f"step-{state.global_step}.png",
+                                  write=main)
             if state.global_step == stop_after and not finished:
                 bar.close()
                 backbone.model.eval()
@@ -559,10 +581,13 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
         bar.close()
 
     backbone.model.eval()  # checkpointing put layers in training mode; sampling wants them as they were
-    write_loss_plot(log_path, out / "loss.png")
-    save_final_adapter(backbone, placeholder, layer_params, lora_config, cfg, out)
+    if main:
+        write_loss_plot(log_path, out / "loss.png")
+    save_final_adapter(backbone, placeholder, layer_params, lora_config, cfg, out, write=main)
     if cfg.validation_prompts:
-        render_validation(backbone, placeholder, cfg, out / "validation" / "final.png")
+        render_validation(backbone, placeholder, cfg, out / "validation" / "final.png", write=main)
+    if sharding is not None:
+        sharding.barrier()  # the adapter is whole on disk before any process returns
     return out
 
 
@@ -585,26 +610,34 @@ def _append_log(path: Path, record: dict) -> None:
 
 # --- checkpoints --------------------------------------------------------------------------------------
 
-def save_checkpoint(out: Path, state: RunState, placeholder: Placeholder, layer_params: dict, optimizer, generator):
+def save_checkpoint(out: Path, state: RunState, placeholder: Placeholder, layer_params: dict, optimizer, generator,
+                    sharding=None):
     """checkpoints/step-N/: trainable tensors, optimizer and RNG state. The folder appears complete or not
-    at all (written beside, then renamed)."""
+    at all (written beside, then renamed). A sharded run gathers whole tensors (every process takes part)
+    and its first process writes them: the same files as a single-process run."""
     import os
     import shutil
 
     from safetensors.torch import save_file
 
+    tensors = {"placeholder": placeholder.embedding.detach().cpu().clone(),  # layers: once they train
+               **{f"layer.{k}": full(v.detach()).cpu().clone() for k, v in layer_params.items() if v.requires_grad}}
+    optimizer_state = whole_optimizer_state(optimizer)
+    if sharding is not None and not sharding.main:
+        sharding.barrier()
+        return
     final = out / "checkpoints" / f"step-{state.global_step}"
     tmp = out / "checkpoints" / f".step-{state.global_step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {"placeholder": placeholder.embedding.detach().cpu().clone(),  # layers: once they train
-               **{f"layer.{k}": v.detach().cpu().clone() for k, v in layer_params.items() if v.requires_grad}}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+    torch.save({"optimizer": optimizer_state, "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
     atomic_write_json(tmp / "progress.json", asdict(state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    if sharding is not None:
+        sharding.barrier()
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -632,7 +665,8 @@ def load_checkpoint(folder: Path, placeholder: Placeholder, layer_params: dict, 
 
 # --- outputs ----------------------------------------------------------------------------------------
 
-def save_final_adapter(backbone, placeholder: Placeholder, layer_params: dict, lora_config, cfg: TrainConfig, out: Path):
+def save_final_adapter(backbone, placeholder: Placeholder, layer_params: dict, lora_config, cfg: TrainConfig, out: Path,
+                       write: bool = True):
     trained_layers = "layers" in STAGE_PLANS[cfg.stages] or cfg.stages == "joint"
     config = {
         "backbone": backbone.name, "base_fingerprint": adapter_files.base_fingerprint(backbone.folder),
@@ -641,15 +675,18 @@ def save_final_adapter(backbone, placeholder: Placeholder, layer_params: dict, l
         **{k: v for k, v in asdict(cfg).items() if k not in ("class_name", "placeholder")},
         "sampling": sampling_config(backbone, cfg).distribution(),
     }
-    layer_tensors = {k: v.to(next(backbone.model.parameters()).dtype) for k, v in layer_params.items()} \
-        if trained_layers and lora_config is None else None
-    lora = (lora_config, dict(layer_params)) if trained_layers and lora_config is not None else None
-    adapter_files.save_adapter(out, config, placeholder.embedding, layer_tensors, lora)
+    dtype = backbone.input_embeddings().weight.dtype
+    whole = {k: full(v.detach()) for k, v in layer_params.items()}  # gathered if sharded (every process)
+    layer_tensors = {k: v.to(dtype) for k, v in whole.items()} if trained_layers and lora_config is None else None
+    lora = (lora_config, whole) if trained_layers and lora_config is not None else None
+    if write:
+        adapter_files.save_adapter(out, config, placeholder.embedding, layer_tensors, lora)
 
 
 @torch.no_grad()
-def render_validation(backbone, placeholder: Placeholder, cfg: TrainConfig, path: Path) -> None:
-    """A small grid of the validation prompts with the current [V], drawn without touching training state."""
+def render_validation(backbone, placeholder: Placeholder, cfg: TrainConfig, path: Path, write: bool = True) -> None:
+    """A small grid of the validation prompts with the current [V], drawn without touching training state
+    (in a sharded run every process draws, in step, and the first writes)."""
     from ..images import make_grid
     from ..sampling import draw
 
@@ -666,8 +703,9 @@ def render_validation(backbone, placeholder: Placeholder, cfg: TrainConfig, path
         table[placeholder.token_id] = original
         for module in training:
             module.train()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_image(make_grid(images), path)
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_image(make_grid(images), path)
 
 
 def write_loss_plot(log_path: Path, png: Path) -> None:

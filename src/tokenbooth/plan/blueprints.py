@@ -12,17 +12,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..assets import HERE as ASSETS
+from ..assets import CONFIGS_DIR
 from ..errors import UserError
 
-CONFIGS = ASSETS / "configs"
 
 
 def known_models() -> dict[str, Path]:
     """Names `tokenbooth plan --model` takes: the five published models and mini."""
     from ..assets import MINI_DIR
 
-    return {"mini": MINI_DIR / "config.json", **{p.stem: p for p in sorted(CONFIGS.glob("*.json"))}}
+    return {"mini": MINI_DIR / "config.json", **{p.stem: p for p in sorted(CONFIGS_DIR.glob("*.json"))}}
 
 
 def blueprint(name: str, resolution: int | None = None, layers: int | None = None, overrides: dict | None = None):
