@@ -21,10 +21,11 @@ RUN = """
 import json, sys
 from tokenbooth.backbones import load_backbone
 from tokenbooth.personalize import TrainConfig, load_reference_images, train
+from tokenbooth.personalize.sharded import Sharding
 model, refs, out, settings, stop, resume = sys.argv[1:7]
 backbone = load_backbone(model)
 train(backbone, load_reference_images(refs, 16), TrainConfig(**json.loads(settings)), out, resume=resume == "1",
-      progress=False, stop_after=int(stop) or None)
+      progress=False, stop_after=int(stop) or None, sharding=Sharding.from_environment())
 """
 SETTINGS = dict(class_name="robot", stage1_steps=2, stage2_steps=3, stage1_lr=1e-2, stage2_lr=1e-3, batch_size=4,
                 checkpointing_steps=100)

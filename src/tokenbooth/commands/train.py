@@ -111,6 +111,7 @@ def resumed_run(out: Path, args, given: dict):
 
 def run(args: argparse.Namespace) -> None:
     from ..personalize import TrainConfig, load_reference_images, train
+    from ..personalize.sharded import Sharding
 
     given = given_settings(args)
     out = args.output if args.resume in (None, "latest") else Path(args.resume)
@@ -135,7 +136,8 @@ def run(args: argparse.Namespace) -> None:
     source = {"model": args.model or DEFAULT_MODEL, "resolution": args.resolution,
               "images": str(Path(images_folder).resolve())}
     try:
-        train(backbone, images, cfg, out, resume=resuming, source=source)
+        train(backbone, images, cfg, out, resume=resuming, source=source,
+              sharding=Sharding.from_environment())  # under `accelerate launch`: one run over the processes
     except OSError as e:
         raise UserError(f"could not write to {out}: {e.strerror or e}; the last complete checkpoint is kept") from None
     print(f"adapter written to {out} ({time.time() - t0:.0f}s); try: tokenbooth generate --adapter {out} "

@@ -499,13 +499,14 @@ def stage_params(stage: str, placeholder: Placeholder, layer_params: dict, cfg: 
 
 
 def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None, source: dict | None = None) -> Path:
+          stop_after: int | None = None, source: dict | None = None, sharding: Sharding | None = None) -> Path:
     """Personalizes `backbone` on `images`; writes the adapter to `out` and returns it.
 
     stop_after: end the run (checkpoint written) after this many steps in all, as an interruption would.
-    source: what the caller wants recorded about where the run came from (the command: model, image folder)."""
+    source: what the caller wants recorded about where the run came from (the command: model, image folder).
+    sharding: this process's place in a run over several processes (`Sharding.from_environment()` under
+    `accelerate launch`; sharded.py); None trains alone, as each of DreamBench's processes does."""
     out = Path(out)
-    sharding = Sharding.from_environment()  # one of several processes (accelerate launch): sharded.py
     check_run(backbone, cfg, out, resume, sharding)  # every refusal comes before anything is written
     main = sharding is None or sharding.main  # the process that writes files
     generator = torch.Generator().manual_seed(cfg.seed)
