@@ -198,7 +198,13 @@ def reference_tokens(backbone, images, flip: bool) -> torch.Tensor:
     pixels = pil_to_tensor(images)
     if flip:
         pixels = torch.cat([pixels, pixels.flip(-1)])
-    return backbone.encode_images(pixels)
+    return encode_each(backbone, pixels)
+
+
+def encode_each(backbone, pixels: torch.Tensor) -> torch.Tensor:
+    """VQ codes one image at a time: the encoder's full-resolution fp32 activations of a whole batch of 768-px
+    references would take more memory than training (about 1.2 GB per feature map for 4 images)."""
+    return torch.cat([backbone.encode_images(p[None]) for p in pixels])
 
 
 def class_tokens(backbone, cfg: TrainConfig, out: Path) -> torch.Tensor:

@@ -109,6 +109,8 @@ def candidates(settings: RunSettings) -> list[RunSettings]:
             (train.quantize, "int8", "nf4")):
         if quantize != "none" and layers != "lora" and trains_layers:
             continue  # full Q/K/V needs an unquantized base
+        if optimizer != train.optimizer and (layers == "lora" or not trains_layers):
+            continue  # 8-bit moments of a few thousand LoRA (or [V]) weights save nothing
         option = replace(settings, train=replace(train, layers=layers, gradient_checkpointing=ckpt, optimizer=optimizer,
                                                  gradient_accumulation_steps=accum, quantize=quantize))
         if all(_key(option) != _key(o) for o in out):
@@ -148,27 +150,41 @@ def relative_time(plan: Plan) -> float:
     return flops * QUANTIZE_SLOWDOWN[t.quantize] * (1 + MICRO_BATCH_OVERHEAD * (t.gradient_accumulation_steps - 1))
 
 
+SCREEN_DEPTHS = (2, 3)  # transformer layers of the quick estimates that decide which candidates to measure
+SCREEN_MARGIN = 1.15  # a candidate estimated within this factor of the budget is measured at full depth
+
+
 def fitting_settings(model: str, settings: RunSettings, budget: int, resolution: int | None = None,
                      limit: int = 5) -> list[Plan]:
-    """Up to `limit` variations of `settings` whose training phases fit `budget`, fastest first. Candidates
-    are tried in their expected speed order; one that is nowhere leaner than a setting that did not fit is
-    skipped unmeasured. Sampling does not depend on these settings and is the caller's to check."""
-    stage1: dict[tuple, PhasePlan] = {}  # stage 1 does not depend on the layers or the optimizer
+    """Up to `limit` variations of `settings` whose training phases fit `budget`, fastest first; sampling
+    does not depend on them and is the caller's to check.
 
-    def training_plan(option: RunSettings) -> Plan:
+    Candidates are tried in their expected speed order. One that is nowhere leaner than a setting that did not
+    fit is skipped. The others are first estimated on the model cut to 2 and 3 layers, extrapolated to its
+    depth (a few seconds, where the full model takes a minute); only those the estimate puts near or under
+    the budget are measured at full depth, and only full-depth figures decide and are reported."""
+    from .blueprints import num_layers
+
+    depth = num_layers(model)
+    cache: dict[tuple, PhasePlan] = {}
+
+    def phase_plan(phase: str, option: RunSettings, layers: int | None) -> PhasePlan:
+        t = option.train  # stage 1 does not depend on the layers trained or the optimizer
+        key = (phase, layers, t.gradient_checkpointing, t.gradient_accumulation_steps, t.quantize) + \
+            ((t.layers, t.optimizer) if phase != "stage1" else ())
+        if key not in cache:
+            cache[key] = measure(model, phase, option, resolution, layers)
+        return cache[key]
+
+    def training_plan(option: RunSettings, layers: int | None = None) -> Plan:
         plan = Plan(model, option)
         for stage, _ in option.train.plan:
-            phase = STAGE_PHASES[stage]
-            t = option.train
-            key = (t.gradient_checkpointing, t.gradient_accumulation_steps, t.quantize)
-            if phase != "stage1" or key not in stage1:
-                result = measure(model, phase, option, resolution)
-                if phase != "stage1":
-                    plan.phases[phase] = result
-                    continue
-                stage1[key] = result
-            plan.phases[phase] = stage1[key]
+            plan.phases[STAGE_PHASES[stage]] = phase_plan(STAGE_PHASES[stage], option, layers)
         return plan
+
+    def estimate(option: RunSettings) -> int:
+        small, larger = (training_plan(option, d).peak_bytes for d in SCREEN_DEPTHS)
+        return small + (larger - small) * (depth - SCREEN_DEPTHS[0]) // (SCREEN_DEPTHS[1] - SCREEN_DEPTHS[0])
 
     options = candidates(settings)
     leanest = [o for o in options if all(_needs_more_memory(other, o) for other in options)]
@@ -177,6 +193,8 @@ def fitting_settings(model: str, settings: RunSettings, budget: int, resolution:
     fits, misses = [], []
     for option in options:
         if any(_needs_more_memory(option, miss) for miss in misses):
+            continue
+        if depth > SCREEN_DEPTHS[1] and (estimate(option) + ALLOCATOR_RESERVE) > budget * SCREEN_MARGIN:
             continue
         plan = training_plan(option)
         if plan.fits(budget):

@@ -24,6 +24,13 @@ def known_models() -> dict[str, Path]:
     return {"mini": MINI_DIR / "config.json", **{p.stem: p for p in sorted(CONFIGS_DIR.glob("*.json"))}}
 
 
+def num_layers(name: str) -> int:
+    """How many transformer layers the model `name` has, from its configuration."""
+    path = known_models().get(name) or Path(name).expanduser() / "config.json"
+    config = json.loads(path.read_text())
+    return (config.get("text_config") or config)["num_hidden_layers"]
+
+
 def blueprint(name: str, resolution: int | None = None, layers: int | None = None, overrides: dict | None = None):
     """The backbone `name` (a known model, or a model folder with a config.json), with weights that are fake
     inside `tracker.fake_run()` and random outside it. layers: keep only this many transformer layers (the

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..personalize.lean import decoder_layers, make_optimizer, quantize_layers
-from ..personalize.recipe import (Placeholder, TrainConfig, _autocast_for, enable_gradient_checkpointing,
+from ..personalize.recipe import (Placeholder, TrainConfig, _autocast_for, enable_gradient_checkpointing, encode_each,
                                   prepare_layers, stage_params, train_layers, train_step)
 from ..sampling import SamplingConfig
+from ..sampling.draw import decode_each
 
 PROMPT = "a photo of [V] dog on the beach"  # the length of a typical prompt; planning needs no more of it
 REFERENCES = 4  # reference images encoded in stage 1's setup (DreamBench has 4-6 per subject)
@@ -55,7 +56,7 @@ def train_phase(backbone, stage: str, settings: RunSettings, steps: int = 2) -> 
     cfg = settings.train
     generator = torch.Generator().manual_seed(cfg.seed)
     if stage == "embedding" or cfg.stages == "joint":  # the references are encoded before the first stage
-        backbone.encode_images(torch.zeros(REFERENCES, 3, backbone.resolution, backbone.resolution))
+        encode_each(backbone, torch.zeros(REFERENCES, 3, backbone.resolution, backbone.resolution))
     placeholder = Placeholder(backbone, cfg, generator)
     _, layer_params = prepare_layers(backbone, cfg)
     train_layers(layer_params, stage != "embedding")
@@ -103,4 +104,4 @@ def sampling_phase(backbone, settings: RunSettings, window: int = 1) -> None:
     logits = logits.float().softmax(-1)  # the processors' distribution over the window
     del cache, logits
     layout = backbone.layout
-    backbone.decode_images(torch.zeros(n, layout.rows, layout.cols, dtype=torch.long))
+    decode_each(backbone, torch.zeros(n, layout.rows, layout.cols, dtype=torch.long))
