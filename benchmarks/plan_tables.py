@@ -51,8 +51,10 @@ def settings(model: str, **train) -> RunSettings:
 
 
 def main() -> None:
-    results = {"models": {}, "goals": []}
-    for model in MODELS:
+    goals_only = "--goals-only" in sys.argv  # keep the tables of the last run, plan the goals again
+    results = json.loads(OUT.read_text()) if goals_only and OUT.exists() else {"models": {}, "goals": []}
+    results["goals"] = []
+    for model in [] if goals_only else MODELS:
         row = results["models"][model] = {}
         for ckpt in (True, False):
             for column, phases in COLUMNS.items():
@@ -65,6 +67,8 @@ def main() -> None:
         for n in (1, 4):
             for phase in ("sampling-cfg", "sampling-sjd"):
                 row[f"{phase}, {n} image(s)"] = measure(model, phase, replace(settings(model), num_images=n)).peak_bytes
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(results, indent=2) + "\n")
     for goal, model, budget, fields in GOALS:
         start = settings(model, **fields)
         own = max(measure(model, phase, start).peak_bytes for phase in ("stage1", "stage2"))
@@ -78,6 +82,9 @@ def main() -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2) + "\n")
     print_tables(results)
+    for g in results["goals"]:
+        print(f"| {g['goal']} | {g['budget_gb']} GB | {g['settings']}: {g['peak_bytes'] / GB:.1f} GB | "
+              f"{g['fastest_fitting']}: {g['fastest_fitting_peak_bytes'] / GB:.1f} GB |")
 
 
 def print_tables(results: dict) -> None:

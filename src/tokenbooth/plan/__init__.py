@@ -95,21 +95,20 @@ MEMORY_ORDER = {"quantize": ("nf4", "int8", "none"), "optimizer": ("adamw8bit", 
 
 
 def candidates(settings: RunSettings) -> list[RunSettings]:
-    """Variations of the user's settings that trade speed for memory: gradient checkpointing, micro-batches
-    with accumulation (the same pairs per step), 8-bit AdamW, a quantized base with LoRA (QLoRA), LoRA in
-    place of full Q/K/V. Ordered by their expected speed, the user's own first."""
+    """The user's settings with each memory-versus-speed choice varied: gradient checkpointing, micro-batches
+    with accumulation (the same pairs per step), 8-bit AdamW, a quantized base (with LoRA: QLoRA), LoRA in
+    place of full Q/K/V. The other settings (steps, rates, batch size, resolution) stay the user's. Ordered
+    by their expected speed, the user's own first."""
     train = settings.train
     trains_layers = train.stages != "embedding"
     layer_options = [train.layers] + (["lora"] if train.layers == "qkv" and trains_layers else [])
-    accumulations = [a for a in (1, 2, 4, 8, 16)
-                     if train.batch_size % a == 0 and a >= train.gradient_accumulation_steps]
+    accumulations = [a for a in (1, 2, 4, 8, 16) if train.batch_size % a == 0]
     out = []
     for layers, ckpt, accum, optimizer, quantize in itertools.product(
-            layer_options, (train.gradient_checkpointing, True), accumulations, (train.optimizer, "adamw8bit"),
-            (train.quantize, "int8", "nf4")):
+            layer_options, (False, True), accumulations, ("adamw", "adamw8bit"), ("none", "int8", "nf4")):
         if quantize != "none" and layers != "lora" and trains_layers:
             continue  # full Q/K/V needs an unquantized base
-        if optimizer != train.optimizer and (layers == "lora" or not trains_layers):
+        if optimizer == "adamw8bit" and (layers == "lora" or not trains_layers) and train.optimizer == "adamw":
             continue  # 8-bit moments of a few thousand LoRA (or [V]) weights save nothing
         option = replace(settings, train=replace(train, layers=layers, gradient_checkpointing=ckpt, optimizer=optimizer,
                                                  gradient_accumulation_steps=accum, quantize=quantize))
@@ -159,10 +158,11 @@ def fitting_settings(model: str, settings: RunSettings, budget: int, resolution:
     """Up to `limit` variations of `settings` whose training phases fit `budget`, fastest first; sampling
     does not depend on them and is the caller's to check.
 
-    Candidates are tried in their expected speed order. One that is nowhere leaner than a setting that did not
-    fit is skipped. The others are first estimated on the model cut to 2 and 3 layers, extrapolated to its
-    depth (a few seconds, where the full model takes a minute); only those the estimate puts near or under
-    the budget are measured at full depth, and only full-depth figures decide and are reported."""
+    Candidates are tried in their expected speed order. Each is first estimated on the model cut to 2 and 3
+    layers, extrapolated to its depth (seconds, where the full model takes a minute; within a few percent on
+    the published models); only those the estimate puts under 1.15 x the budget are measured at full depth,
+    and only full-depth figures decide and are reported. One that is nowhere leaner than a setting found too
+    large (measured, or estimated beyond that margin) is skipped."""
     from .blueprints import num_layers
 
     depth = num_layers(model)
@@ -195,6 +195,7 @@ def fitting_settings(model: str, settings: RunSettings, budget: int, resolution:
         if any(_needs_more_memory(option, miss) for miss in misses):
             continue
         if depth > SCREEN_DEPTHS[1] and (estimate(option) + ALLOCATOR_RESERVE) > budget * SCREEN_MARGIN:
+            misses.append(option)  # well over: what needs more memory than this is not measured either
             continue
         plan = training_plan(option)
         if plan.fits(budget):
