@@ -51,14 +51,13 @@ def test_structure_tokens_cost_no_forward_pass(tiny_backbone):
 
 
 def test_guidance_then_top_k_then_temperature():
-    ids = torch.arange(4)
     cond, uncond = torch.tensor([[2.0, 1.0, 0.0, -1.0]]), torch.tensor([[1.0, 1.0, 1.0, 1.0]])
-    p = image_token_distribution(cond, uncond, ids, SamplingConfig(cfg_scale=2.0, image_top_k=4))
+    p = image_token_distribution(cond, uncond, SamplingConfig(cfg_scale=2.0, image_top_k=4))
     expected = torch.softmax(uncond + 2.0 * (cond - uncond), -1)
     assert torch.allclose(p, expected)
-    p = image_token_distribution(cond, uncond, ids, SamplingConfig(cfg_scale=2.0, image_top_k=2))
+    p = image_token_distribution(cond, uncond, SamplingConfig(cfg_scale=2.0, image_top_k=2))
     assert (p[0, 2:] == 0).all() and torch.isclose(p.sum(), torch.tensor(1.0))
-    p = image_token_distribution(cond, None, ids, SamplingConfig(cfg_scale=1.0, image_top_k=4, top_p=0.5))
+    p = image_token_distribution(cond, None, SamplingConfig(cfg_scale=1.0, image_top_k=4, top_p=0.5))
     assert p[0, 0] == 1.0  # the top token alone already holds half the mass
 
 

@@ -54,7 +54,7 @@ def micro():
 def exact_image_law(backbone, prompt: str, cfg: SamplingConfig) -> torch.Tensor:
     """P(codes) for every code tuple of the image, row-major, as plain AR sampling defines it: (K^cells,)."""
     layout = backbone.layout
-    K = len(layout.image_token_ids)
+    K = layout.codebook_size
     image_positions = [j for j in range(layout.body_length) if layout.forced_token(j) is None]
     cond, uncond = backbone.prompt_ids(prompt), backbone.unconditional_ids()
     law, tuples = torch.ones(1, dtype=torch.float64), [[]]
@@ -64,9 +64,9 @@ def exact_image_law(backbone, prompt: str, cfg: SamplingConfig) -> torch.Tensor:
             it = iter(codes)
             bodies.append([layout.forced_token(i) if layout.forced_token(i) is not None
                            else int(layout.image_token_ids[next(it)]) for i in range(j)])
-        cond_logits = backbone.logits(torch.tensor([cond + b for b in bodies]))[0][:, -1]
-        uncond_logits = backbone.logits(torch.tensor([uncond + b for b in bodies]))[0][:, -1]
-        p = image_token_distribution(cond_logits, uncond_logits, layout.image_token_ids, cfg).double()
+        cond_logits = backbone.image_logits(torch.tensor([cond + b for b in bodies]))[0][:, -1]
+        uncond_logits = backbone.image_logits(torch.tensor([uncond + b for b in bodies]))[0][:, -1]
+        p = image_token_distribution(cond_logits, uncond_logits, cfg).double()
         law = (law[:, None] * p).reshape(-1)
         tuples = [t + [c] for t in tuples for c in range(K)]
     return law
@@ -257,7 +257,7 @@ def test_the_plain_sampler_stays_the_default(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert run(capsys, "generate", "a cup", "--model", str(tiny_model_dir), "-n", "1", "--out", str(out))[0] == 0
     meta = json.loads((out / "generate.json").read_text())
-    assert meta["sampler"] == "plain" and "sjd_window" not in meta and meta["forward_passes"] == 64
+    assert meta["sampler"] == "plain" and meta["forward_passes"] == 64
 
 
 @pytest.mark.parametrize("extra,message", [

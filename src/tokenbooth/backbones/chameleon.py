@@ -37,10 +37,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import UserError
 from ..vq import VQGAN, load_vqgan
-from .base import ImageLayout, require_token
+from .base import ImageLayout, ImageLogits, parameters_outside, require_token
 
 IMAGE_START = "<racm3:break>"
 IMAGE_END = "<eoss>"
@@ -93,9 +94,7 @@ class ChameleonSpec:
         atomic_write_json(folder / "tokenbooth.json", asdict(self))
 
 
-class ChameleonBackbone:
-    logit_offset = 0  # the LM head scores the whole vocabulary, text and image tokens
-
+class ChameleonBackbone(ImageLogits):
     def __init__(self, name: str, model, tokenizer, vqgan: VQGAN, spec: ChameleonSpec, folder: Path | None = None):
         self.name, self.model, self.tokenizer, self.spec = name, model, tokenizer, spec
         self.folder = folder  # where the weights came from: adapters record its fingerprint
@@ -105,6 +104,7 @@ class ChameleonBackbone:
         self.resolution = spec.resolution
         self.max_length = model.config.max_position_embeddings
         self.layout = self._layout()
+        self._image_rows = self.layout.image_token_ids.to(model.lm_head.weight.device)  # LM head rows, code order
 
     # --- token layout ---
 
@@ -126,7 +126,8 @@ class ChameleonBackbone:
         image_token_ids = torch.tensor([img2bpe[c] for c in range(len(img2bpe))], dtype=torch.long)
         header = (self.token_id(IMAGE_START), self.token_id(size_token(r // g)), self.token_id(size_token(r // g)))
         return ImageLayout(header=header, rows=r // d, cols=r // d, row_end=self.token_id(ROW_END),
-                           image_end=self.token_id(IMAGE_END), image_token_ids=image_token_ids)
+                           image_end=self.token_id(IMAGE_END), image_token_ids=image_token_ids,
+                           trailer=(self.token_id(TURN_END),))
 
     def prompt_text(self, prompt: str) -> str:
         return PROMPT_TEMPLATE.format(w=self.resolution, h=self.resolution, prompt=prompt)
@@ -138,21 +139,30 @@ class ChameleonBackbone:
     def unconditional_ids(self, prompt_ids: list[int] | None = None) -> list[int]:
         return list(self.layout.header)
 
-    def answer_end_ids(self) -> list[int]:
-        """What follows the image block in a training sequence."""
-        return [self.token_id(TURN_END)]
-
     # --- transformer ---
+    # transformers' ChameleonForConditionalGeneration.forward sets image-token logits to -inf (Chameleon was
+    # released without image generation); Lumina-mGPT trains (--unmask_image_logits) and samples with them,
+    # so we call the base model and the LM head ourselves.
 
-    def logits(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None):
-        # transformers' ChameleonForConditionalGeneration.forward sets image-token logits to -inf (Chameleon
-        # was released without image generation); Lumina-mGPT trains (--unmask_image_logits) and samples with
-        # them, so we call the base model and the LM head ourselves.
+    def hidden_states(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None):
         to = lambda t: None if t is None else t.to(self.device)  # noqa: E731
-        out = self.model.model(input_ids=to(input_ids), attention_mask=to(attention_mask),
-                               position_ids=to(position_ids), past_key_values=past_key_values,
-                               use_cache=past_key_values is not None, inputs_embeds=inputs_embeds)
-        return self.model.lm_head(out.last_hidden_state).float(), out.past_key_values
+        out = self.model.model(input_ids=to(input_ids), inputs_embeds=inputs_embeds, attention_mask=to(attention_mask),
+                               position_ids=to(position_ids), cache=cache, use_cache=cache is not None)
+        return out.last_hidden_state, out.cache
+
+    def image_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's image rows only, in codebook order: 8,192 of Lumina-mGPT's 65,536 columns."""
+        rows = self.model.lm_head.weight[self._image_rows]
+        return F.linear(hidden, rows.to(hidden.dtype)).float()
+
+    def vocabulary_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Every column of the LM head, text tokens included: what mini's pre-training learns to predict
+        (Chameleon only; personalization and sampling use `image_head`)."""
+        return self.model.lm_head(hidden).float()
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Everything but the VQ model (which transformers' Chameleon carries inside the language model)."""
+        return parameters_outside(self.model, self.model.model.vqmodel)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of token ids (text and image tokens share one table here)."""

@@ -14,8 +14,8 @@ Generation", `generation_inference.py`, `janus/utils/conversation.py` template "
   16384 x 8 codebook embedding) and `generation_aligner` (an MLP to the model width), and their logits come
   from `generation_head`; the text LM head is never used for images. tokenbooth gives them the ids
   image_base + code, image_base being the number of rows of the text embedding table, so one id sequence can
-  mix text and image tokens; `logits` scores the image ids only (logit_offset = image_base), so the training
-  loss is Janus's cross-entropy over the 16384 codes.
+  mix text and image tokens; `image_head` is generation_head, already image-only and in codebook order, so
+  the training loss is Janus's cross-entropy over the 16384 codes.
 - Classifier-free guidance as Janus does it: the unconditional row is the prompt with every token but the
   first (BOS) and the last (<begin_of_image>) replaced by <｜▁pad▁｜>, same length, no attention mask.
 - The VQ model (LlamaGen's VQ-16) compares l2-normalised latents with l2-normalised codebook entries and
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .base import ImageLayout, require_token
+from .base import ImageLayout, ImageLogits, parameters_outside, require_token
 
 PRESETS = {
     "janus-pro-1b": ("deepseek-community/Janus-Pro-1B", 384),
@@ -49,7 +49,7 @@ BOS = "<｜begin▁of▁sentence｜>"
 PLACEHOLDER = "<|tokenbooth_placeholder|>"  # the token [V] becomes; added to the tokenizer at load
 
 
-class JanusBackbone:
+class JanusBackbone(ImageLogits):
     family = "janus-pro"
 
     def __init__(self, name: str, model, tokenizer, folder: Path | None = None, special: dict | None = None):
@@ -64,7 +64,6 @@ class JanusBackbone:
         self.eoi = self._id(IMAGE_END)
         self._add_placeholder_row()
         self.image_base = self.lm.embed_tokens.num_embeddings
-        self.logit_offset = self.image_base  # logits are generation_head's: image tokens only
         vq = config.vq_config
         self.resolution = config.vision_config.image_size
         downsample = 2 ** (len(vq.channel_multiplier) - 1)
@@ -115,13 +114,22 @@ class JanusBackbone:
         image = self.janus.generation_aligner(self.janus.generation_embeddings(codes))
         return torch.where(is_image[..., None], image.to(text.device, text.dtype), text)
 
-    def logits(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None):
+    def hidden_states(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None):
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
         to = lambda t: None if t is None else t.to(self.device)  # noqa: E731
         out = self.lm(inputs_embeds=inputs_embeds, attention_mask=to(attention_mask), position_ids=to(position_ids),
-                      past_key_values=past_key_values, use_cache=past_key_values is not None)
-        return self.janus.generation_head(out.last_hidden_state).float(), out.past_key_values
+                      cache=cache, use_cache=cache is not None)
+        return out.last_hidden_state, out.cache
+
+    def image_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """generation_head: image codes only, in codebook order (the text LM head never scores images)."""
+        return self.janus.generation_head(hidden).float()
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The language model with its image input and output layers (generation_embeddings, _aligner, _head);
+        not the understanding side (SigLIP vision tower and its aligner) nor the VQ model."""
+        return parameters_outside(self.model, self.janus.vision_model, self.janus.aligner, self.janus.vqmodel)
 
     def input_embeddings(self) -> torch.nn.Embedding:
         return self.lm.embed_tokens

@@ -149,14 +149,20 @@ def class_tokens(backbone, cfg: TrainConfig, out: Path) -> torch.Tensor:
 
 
 def select_layer_params(backbone, cfg: TrainConfig) -> dict[str, torch.nn.Parameter]:
-    """Stage 2's targets, by parameter name."""
-    named = dict(backbone.model.named_parameters())
+    """Stage 2's targets, by parameter name, among the backbone's `trainable_parameters` (never its image
+    tokenizer or vision encoder)."""
+    named = backbone.trainable_parameters()
     if cfg.layers == "qkv":
         wanted = {f"{prefix}.{proj}.weight" for prefix in _attention_prefixes(backbone) for proj in QKV}
         chosen = {n: p for n, p in named.items() if n in wanted}
     else:
-        patterns = [re.compile(p.strip()) for p in cfg.layers.split(",") if p.strip()]
-        chosen = {n: p for n, p in named.items() if any(pt.search(n) for pt in patterns) and ".vqmodel." not in n}
+        patterns = []
+        for text in filter(None, (p.strip() for p in cfg.layers.split(","))):
+            try:
+                patterns.append(re.compile(text))
+            except re.error as e:
+                raise UserError(f"--layers {text!r} is not a regular expression: {e}") from None
+        chosen = {n: p for n, p in named.items() if any(pt.search(n) for pt in patterns)}
     if not chosen:
         raise UserError(f"--layers {cfg.layers!r} matches no parameter of {backbone.name}")
     return chosen
@@ -186,13 +192,12 @@ def lora_params(backbone) -> dict[str, torch.nn.Parameter]:
 # --- batches and loss -----------------------------------------------------------------------------
 
 def make_batch(backbone, placeholder: Placeholder, cfg: TrainConfig, codes: torch.Tensor, generator, subject: bool):
-    """`batch_size` (prompt, image) pairs. Labels cover the image tokens only: prompt, header and structure
-    tokens are masked."""
+    """`batch_size` (prompt, image) pairs: token ids (B, T), and labels (B, T) holding the image code at every
+    image position and -100 (ignored) on the prompt, header and structure tokens."""
     n = cfg.batch_size if subject else max(1, cfg.batch_size // 2)
     picks = torch.randint(len(codes), (n,), generator=generator).tolist()
     templates = torch.randint(len(OBJECT_TEMPLATES), (n,), generator=generator).tolist()
     layout = backbone.layout
-    image_positions = torch.tensor([layout.forced_token(j) is None for j in range(layout.body_length)])
     seqs, labels = [], []
     for pick, template in zip(picks, templates):
         if subject:
@@ -200,9 +205,9 @@ def make_batch(backbone, placeholder: Placeholder, cfg: TrainConfig, codes: torc
         else:
             prompt = training_prompt(template, cfg.class_name or "", None)
         prefix = placeholder.prompt_ids(backbone, prompt)
-        body = layout.body_from_codes(codes[pick : pick + 1])[0]
-        seqs.append(prefix + body.tolist())
-        labels.append([-100] * len(prefix) + torch.where(image_positions, body, -100).tolist())
+        image = codes[pick : pick + 1]
+        seqs.append(prefix + layout.body_from_codes(image)[0].tolist())
+        labels.append([-100] * len(prefix) + layout.body_labels(image)[0].tolist())
     width = max(map(len, seqs))
     ids = torch.tensor([s + [s[-1]] * (width - len(s)) for s in seqs])  # right padding is never attended to
     lab = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
@@ -210,11 +215,19 @@ def make_batch(backbone, placeholder: Placeholder, cfg: TrainConfig, codes: torc
 
 
 def batch_loss(backbone, placeholder: Placeholder, ids, labels, autocast) -> torch.Tensor:
+    """Mean cross-entropy of the next image code, over the image codes only.
+
+    The softmax runs over the K codes of `image_head`, not the whole vocabulary. That is Janus-Pro's own loss
+    (its generation head has no text columns) and, for Lumina-mGPT, the log-likelihood of what its sampler
+    actually draws (text tokens are masked at image positions); it differs from the full-vocabulary
+    cross-entropy Lumina-mGPT trains with by the mass that softmax gives text tokens, which sampling never
+    uses. It also skips 7/8 of Chameleon's output layer, and the head runs only where there is a label."""
+    targets = labels[:, 1:]
+    scored = targets >= 0
     with autocast():
-        logits, _ = backbone.logits(inputs_embeds=placeholder.embed(backbone, ids))
-    labels = labels.to(logits.device)
-    labels = torch.where(labels >= 0, labels - backbone.logit_offset, labels)  # logit columns start there
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+        hidden, _ = backbone.hidden_states(inputs_embeds=placeholder.embed(backbone, ids))
+        logits = backbone.image_head(hidden[:, :-1][scored.to(hidden.device)])
+    return F.cross_entropy(logits.float(), targets[scored].to(logits.device))
 
 
 # --- the run ----------------------------------------------------------------------------------------

@@ -264,7 +264,7 @@ def training_batch(backbone, scenes, codes, indices, step: int):
     seqs, labels = [], []
     for i in indices:
         rng = random.Random(f"{step}:{i}")  # captions vary across epochs yet resume exactly
-        body = backbone.layout.body_from_codes(codes[i : i + 1])[0].tolist() + backbone.answer_end_ids()
+        body = backbone.layout.body_from_codes(codes[i : i + 1])[0].tolist() + list(backbone.layout.trailer)
         prefix = backbone.unconditional_ids() if rng.random() < 0.1 else backbone.prompt_ids(caption(scenes[i], rng))
         seqs.append(prefix + body)
         labels.append([-100] * len(prefix) + body)
@@ -280,7 +280,10 @@ def pad_batch(seqs, labels, pad_id):
 
 
 def sequence_loss(backbone, ids, labels):
-    logits, _ = backbone.logits(ids)
+    """Full-vocabulary next-token loss over the whole image block, structure tokens and trailer included:
+    pre-training teaches the layout too, as Lumina-mGPT's own training does (personalization scores codes only)."""
+    hidden, _ = backbone.hidden_states(ids)
+    logits = backbone.vocabulary_logits(hidden)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
 
 
@@ -292,8 +295,9 @@ def train_transformer(work: Path) -> None:
     model = backbone.model
     scenes, codes = load_scenes(work), encode_dataset(work, backbone)
     train_idx = torch.arange(len(scenes) - 1000)  # the last 1000 are the VQGAN's held-out set
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "vqmodel" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 and "vqmodel" not in n]
+    trainable = backbone.trainable_parameters()  # the VQGAN is trained apart, before
+    decay = [p for p in trainable.values() if p.dim() >= 2]
+    no_decay = [p for p in trainable.values() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=TRANSFORMER_LR, betas=(0.9, 0.95))
     ckpt_path, step = work / "transformer.ckpt", 0

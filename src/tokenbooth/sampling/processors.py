@@ -3,7 +3,7 @@ classifier-free guidance, then the structure rules, then image top-k, then tempe
 
 Structure tokens (row ends, image end) sit at positions the layout fixes, so the sampler writes them
 without asking the model; at every other position only image tokens are allowed, which is the same as
-suppressing all other logits and lets us work on the image-token slice of the vocabulary.
+suppressing all other logits: the backbone's `image_head` scores the image codes alone, in codebook order.
 """
 
 from __future__ import annotations
@@ -56,10 +56,9 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torc
 
 
 def image_token_distribution(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None,
-                             image_token_ids: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """(B, V) logits -> (B, K) probabilities over the K image tokens (codebook order)."""
-    ids = image_token_ids.to(cond_logits.device)
-    logits = guide(cond_logits[:, ids], None if uncond_logits is None else uncond_logits[:, ids], cfg.cfg_scale)
+                             cfg: SamplingConfig) -> torch.Tensor:
+    """(B, K) image-code logits (a backbone's `image_head`) -> (B, K) probabilities, codebook order."""
+    logits = guide(cond_logits, uncond_logits, cfg.cfg_scale)
     k = min(cfg.image_top_k, logits.shape[-1])
     if k < logits.shape[-1]:
         kth = torch.topk(logits, k, dim=-1).values[:, -1:]

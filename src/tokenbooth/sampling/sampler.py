@@ -36,16 +36,17 @@ class GrowingBatch:
 
     @torch.no_grad()
     def next_logits(self) -> torch.Tensor:
-        """Logits for the token after the last column: (rows, vocab)."""
+        """Image-code logits for the token after the last column: (rows, K)."""
         start = self.fed if self.cache is not None else 0
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        logits, self.cache = self.backbone.logits(
+        hidden, self.cache = self.backbone.hidden_states(
             self.ids[:, start:], attention_mask=self.mask if self.padded else None,
-            position_ids=positions[:, start:], past_key_values=self.cache)
+            position_ids=positions[:, start:], cache=self.cache)
         if self.cache is not None:
             self.fed = self.ids.shape[1]
         self.forward_passes += 1
-        return logits[:, -1].cpu()  # sampling happens on the CPU, whatever device the model is on
+        # only the last column is sampled from: the output layer runs on it alone, not on the whole prefix
+        return self.backbone.image_head(hidden[:, -1]).cpu()  # sampling happens on the CPU
 
 
 @dataclass
@@ -106,8 +107,8 @@ def sample_image_body(backbone, prompts: list[str], cfg: SamplingConfig, progres
             # the next image token's pass.
             token = torch.full((n,), forced, dtype=torch.long)
         else:
-            probs = image_token_distribution(*logits_pair(), layout.image_token_ids - backbone.logit_offset, cfg)
-            token = layout.image_token_ids[torch.multinomial(probs, 1, generator=generator).squeeze(1)]
+            probs = image_token_distribution(*logits_pair(), cfg)
+            token = layout.token_ids(torch.multinomial(probs, 1, generator=generator).squeeze(1))
         body[:, j] = token
         for g in groups:
             g.append(token.repeat(g.ids.shape[0] // n, 1).reshape(-1, 1))

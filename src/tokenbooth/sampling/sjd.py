@@ -86,17 +86,17 @@ class DraftBatch(GrowingBatch):
     @torch.no_grad()
     def body_logits(self, body: torch.Tensor, first: int, last: int) -> torch.Tensor:
         """Logits predicting body positions first..last (inclusive) with `body` (images, body_length) in
-        place: (rows, last - first + 1, vocab). Position 0 is predicted by the last header token."""
+        place: (rows, last - first + 1, K). Position 0 is predicted by the last header token."""
         self.ids[:, self.width:] = body.repeat(self.copies, 1)
         begin, end = self.width + first - 1, self.width + last  # input columns whose outputs we want
         start = self.fed if self.cache is not None else 0
-        logits, self.cache = self.backbone.logits(
+        hidden, self.cache = self.backbone.hidden_states(
             self.ids[:, start:end], attention_mask=self.mask[:, :end] if self.padded else None,
-            position_ids=self.positions[:, start:end], past_key_values=self.cache)
+            position_ids=self.positions[:, start:end], cache=self.cache)
         if self.cache is not None:
             self.fed = end
         self.forward_passes += 1
-        return logits[:, begin - start:].cpu()
+        return self.backbone.image_head(hidden[:, begin - start:]).cpu()
 
 
 def sample_image_body_sjd(backbone, prompts: list[str], cfg: SamplingConfig, window: int = DEFAULT_WINDOW,
@@ -107,7 +107,7 @@ def sample_image_body_sjd(backbone, prompts: list[str], cfg: SamplingConfig, win
     make the distribution test fail)."""
     cfg.validate()
     layout = backbone.layout
-    bl, K, L, R = layout.body_length, len(layout.image_token_ids), window, layout.row_length
+    bl, K, L, R = layout.body_length, layout.codebook_size, window, layout.row_length
     check_sjd_options(window, init, bl)
     n, guided = len(prompts), cfg.cfg_scale != 1.0
     groups = guidance_batches(backbone, prompts, cfg,
@@ -116,10 +116,9 @@ def sample_image_body_sjd(backbone, prompts: list[str], cfg: SamplingConfig, win
     forced_ids = torch.tensor([-1 if layout.forced_token(j) is None else layout.forced_token(j) for j in range(bl)])
     forced = forced_ids >= 0
     images_before = torch.cat([torch.zeros(1, dtype=torch.long), (~forced).long().cumsum(0)])  # per position
-    image_ids = layout.image_token_ids
 
     def body_ids(codes):
-        return torch.where(forced, forced_ids, image_ids[codes])
+        return torch.where(forced, forced_ids, layout.token_ids(codes))
 
     def skip_forced(a):
         while True:
@@ -163,10 +162,10 @@ def sample_image_body_sjd(backbone, prompts: list[str], cfg: SamplingConfig, win
         first = int(a.min())
         last = int(torch.clamp(a + L, max=bl - 1)[active].max())
         body = body_ids(codes)
-        logits = torch.cat([g.body_logits(body, first, last) for g in groups])  # (rows, T, V)
-        T, V = logits.shape[1], logits.shape[2]
-        p = image_token_distribution(logits[:n].reshape(-1, V), logits[n:].reshape(-1, V) if guided else None,
-                                     image_ids - backbone.logit_offset, cfg).reshape(n, T, K)
+        logits = torch.cat([g.body_logits(body, first, last) for g in groups])  # (rows, T, K)
+        T = logits.shape[1]
+        p = image_token_distribution(logits[:n].reshape(-1, K), logits[n:].reshape(-1, K) if guided else None,
+                                     cfg).reshape(n, T, K)
 
         # The window of image r: positions a[r] + k, k < L, plus one past it for the bonus token.
         pos = a[:, None] + slots
