@@ -22,6 +22,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sjd-window", type=int, metavar="L", help="draft tokens per SJD pass (default 16, the paper's)")
     p.add_argument("--sjd-init", metavar="{random,above}",
                    help="how SJD fills new draft positions: a random image token (default) or the token above")
+    p.add_argument("--sjd-coupling", metavar="{none,maximal,gumbel}",
+                   help="how SJD re-draws drafts it has not verified yet: coupled with the old draft (maximal, the "
+                        "default, or gumbel; MC-SJD) or independently (none); the same images either way")
 
 
 MODEL_HELP = "mini, lumina-mgpt-7b-512|768|1024, janus-pro-1b|7b (from the Hugging Face cache), or a model folder"

@@ -9,8 +9,8 @@ from . import __version__
 from .errors import UserError
 from .images import make_grid
 from .io import atomic_save_image, atomic_write_json
-from .sampling import SamplingConfig, SamplingStats, sample_image_tokens
-from .sampling.sjd import DEFAULT_WINDOW, SJDStats, check_sjd_options, sample_image_tokens_sjd
+from .sampling import SamplingConfig, SamplingStats, check_sampler, draw_codes
+from .sampling.sjd import SJDStats
 
 
 def prepare_output_dir(out: Path, names: list[str], overwrite: bool) -> None:
@@ -34,23 +34,20 @@ def prepare_output_dir(out: Path, names: list[str], overwrite: bool) -> None:
 
 def sampling_config(args) -> SamplingConfig:
     cfg = SamplingConfig(cfg_scale=args.cfg, image_top_k=args.top_k, top_p=args.top_p,
-                         temperature=args.temperature, seed=args.seed, kv_cache=not args.no_kv_cache)
+                         temperature=args.temperature, seed=args.seed, kv_cache=not args.no_kv_cache,
+                         sampler=args.sampler, **sjd_options(args))
     cfg.validate()
+    check_sampler(cfg)
     return cfg
 
 
-def sjd_options(args) -> dict | None:
-    """window and init for --sampler sjd, None for plain sampling; SJD flags without SJD are a mistake."""
-    given = [flag for flag, value in (("--sjd-window", args.sjd_window), ("--sjd-init", args.sjd_init))
-             if value is not None]
-    if args.sampler != "sjd":
-        if given:
-            raise UserError(f"{given[0]} only applies to --sampler sjd")
-        return None
-    options = dict(window=DEFAULT_WINDOW if args.sjd_window is None else args.sjd_window,
-                   init=args.sjd_init or "random")
-    check_sjd_options(**options)
-    return options
+def sjd_options(args) -> dict:
+    """The SJD flags given, as SamplingConfig fields; SJD flags without --sampler sjd are a mistake."""
+    given = {field: value for field, value in (("sjd_window", args.sjd_window), ("sjd_init", args.sjd_init),
+                                               ("sjd_coupling", args.sjd_coupling)) if value is not None}
+    if given and args.sampler != "sjd":
+        raise UserError(f"--{next(iter(given)).replace('_', '-')} only applies to --sampler sjd")
+    return given
 
 
 def run_generate(args) -> None:
@@ -60,7 +57,6 @@ def run_generate(args) -> None:
     if args.num_images < 1:
         raise UserError(f"-n must be >= 1 (got {args.num_images})")
     cfg = sampling_config(args)
-    sjd = sjd_options(args)
     names = [f"image-{i:03d}.png" for i in range(args.num_images)] + ["grid.png", "generate.json"]
     prepare_output_dir(args.out, names, args.overwrite)
     backbone = load_backbone_from_args(args)
@@ -71,12 +67,8 @@ def run_generate(args) -> None:
         backbone = load_adapter(backbone, args.adapter)
         warn_if_no_placeholder(args.prompt, backbone.placeholder)
     prompts, t0 = [args.prompt] * args.num_images, time.time()
-    if sjd is None:
-        stats = SamplingStats()
-        codes = sample_image_tokens(backbone, prompts, cfg, progress=True, stats=stats)
-    else:
-        stats = SJDStats()
-        codes = sample_image_tokens_sjd(backbone, prompts, cfg, **sjd, progress=True, stats=stats)
+    stats = SJDStats() if cfg.sampler == "sjd" else SamplingStats()
+    codes = draw_codes(backbone, prompts, cfg, progress=True, stats=stats)
     images = tensor_to_pil(backbone.decode_images(codes))
     seconds = time.time() - t0
     for name, image in zip(names, images):
@@ -87,8 +79,6 @@ def run_generate(args) -> None:
         "adapter": str(args.adapter) if args.adapter else None,
         "num_images": args.num_images, "resolution": backbone.resolution, **cfg.to_dict(),
         "images": names[: args.num_images], "seconds": round(seconds, 2), "forward_passes": stats.forward_passes,
-        "sampler": args.sampler, **({} if sjd is None else {
-            "sjd_window": sjd["window"], "sjd_init": sjd["init"],
-            "sjd_tokens_per_pass": round(stats.mean_tokens_per_pass, 3)}),
+        **({"sjd_tokens_per_pass": round(stats.mean_tokens_per_pass, 3)} if cfg.sampler == "sjd" else {}),
     })
     print(f"wrote {args.num_images} images and grid.png to {args.out} ({seconds:.1f}s)")

@@ -27,6 +27,9 @@ class SamplingConfig:
     sampler: str = "plain"  # "plain", or "sjd": speculative Jacobi decoding, same distribution, fewer passes
     sjd_window: int = 16  # draft tokens per SJD pass (the SJD paper's window length)
     sjd_init: str = "random"  # how SJD fills new draft positions: a random image token or the token "above"
+    # how SJD re-draws a draft it could not verify yet: "none" (independently), "maximal" or "gumbel" (coupled
+    # with the old draft, MC-SJD: the same law, the old token kept as often as possible; sampling/coupling.py)
+    sjd_coupling: str = "maximal"
 
     @classmethod
     def for_family(cls, family: str, **overrides) -> "SamplingConfig":

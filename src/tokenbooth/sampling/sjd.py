@@ -1,26 +1,31 @@
 """Speculative Jacobi Decoding (Teng et al., "Accelerating Auto-regressive Text-to-Image Generation with
-Training-free Speculative Jacobi Decoding"): the images `sample_image_body` draws, in fewer forward passes.
+Training-free Speculative Jacobi Decoding"), with coupled re-drafting (So et al. 2025, MC-SJD, coupling.py):
+the images `sample_image_body` draws, in fewer forward passes.
 
-Each pass feeds a window of L draft tokens after the accepted prefix and gives the processed distribution
-p_i (CFG, structure rules, top-k, temperature, top-p: exactly the plain sampler's) at every window position.
-Walking the window left to right, draft x_i is accepted with probability min(1, p_i(x_i) / q_i(x_i)), q_i
-being the distribution x_i was drawn from; the first rejected position takes a token from
-norm(max(0, p_i - q_i)) and ends the walk. That is speculative sampling's accept/reject step, so every token
-that leaves the window is distributed exactly as plain sampling would draw it. If the whole window is
-accepted, the pass's distribution one past the window is exact too and gives a bonus token. Drafts not
-accepted are re-drawn from this pass's p (which becomes their q), new window positions are initialised, and
-the KV cache forgets every position whose fed token did not survive.
+Each pass feeds, for every image, its last fixed token and a window of L drafts after it, and gets the
+processed distribution p (CFG, structure rules, top-k, temperature, top-p: exactly the plain sampler's) at
+every window position and one past it. Walking the window left to right, draft x is accepted with
+probability min(1, p(x) / q(x)), q being the distribution x was drawn from; the first rejected position
+takes a token from norm(max(0, p - q)) and ends the walk. That is speculative sampling's accept/reject step,
+so every token that leaves the window is distributed exactly as plain sampling would draw it. If the whole
+window is accepted, the distribution one past it is exact too and gives a bonus token. Drafts past the stop
+get this pass's p as their new q and are re-drawn from it, coupled with their old value (coupling.py, which
+also argues why that stays lossless); positions new to the window are initialised.
 
 Initialising a new draft position (`init`):
-  random  a uniform image token, q = uniform over the K image tokens: its true law. (The paper's one-hot q is
+  random  a uniform image token, q = uniform over the K image codes: its true law. (The paper's one-hot q is
           exact as well, see `above`, but accepts with probability sum_x p(x)/K instead of
           sum_x min(p(x), 1/K), which is never larger.)
   above   the token one image row up, q = one-hot on it. With a one-hot q the test accepts x with p(x) and the
           residual is p without x, renormalised: together exactly p, whatever x is and however it was chosen.
           The first row has nothing above and falls back to random.
 
-Structure tokens (row ends, image end) are certain: they sit in the window like any token, are always
-accepted, and are skipped over when they come right after the accepted prefix.
+Structure tokens (row ends, image end) are certain: they sit in the window like any token and are always
+accepted.
+
+Batches: every image advances on its own. Each keeps its own window position and its own rows of the KV
+cache (`RaggedCache`: one buffer, a length per row, new keys written where each row's own sequence ends), so
+one forward pass serves images that are at different places, and an image that is done leaves the batch.
 """
 
 from __future__ import annotations
@@ -32,11 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .coupling import COUPLINGS, gumbel_draw, gumbel_noise, redraft, sample
 from .processors import SamplingConfig, image_token_distribution
-from .sampler import GrowingBatch, SamplingStats, _progress, guidance_batches
+from .sampler import SamplingStats, _progress, guidance_batches
 
 INITS = ("random", "above")
-DEFAULT_WINDOW = 16  # the SJD paper's window length
 
 
 @dataclass
@@ -51,9 +56,11 @@ class SJDStats(SamplingStats):
         return sum(k * v for k, v in self.tokens_per_pass.items()) / total if total else 0.0
 
 
-def check_sjd_options(window: int, init: str, body_length: int | None = None) -> None:
+def check_sjd_options(window: int, init: str, coupling: str, body_length: int | None = None) -> None:
     if init not in INITS:
         raise UserError(f"--sjd-init must be one of {', '.join(INITS)} (got {init!r})")
+    if coupling not in COUPLINGS:
+        raise UserError(f"--sjd-coupling must be one of {', '.join(COUPLINGS)} (got {coupling!r})")
     if window < 1 or (body_length is not None and window > body_length):
         upper = f" and at most the image body's {body_length} tokens" if body_length is not None else ""
         raise UserError(f"--sjd-window must be at least 1{upper} (got {window})")
@@ -65,152 +72,273 @@ def speculative_accept(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor) ->
     return u * q_x < p_x
 
 
-class DraftBatch(GrowingBatch):
-    """A GrowingBatch whose whole image body is laid out up front and rewritten as drafts change. Body
-    position k sits in column width + k for every row, so one crop of the KV cache fits all rows."""
+# --- the batch: rows that each grow at their own pace -------------------------------------------------------
 
-    def __init__(self, backbone, prefixes: list[list[int]], kv_cache: bool, body_length: int, copies: int):
-        super().__init__(backbone, prefixes, kv_cache)
-        self.width = self.ids.shape[1]
-        self.copies = copies  # rows per image: 1, or 2 when cond and uncond share this batch
-        self.append(torch.zeros(len(prefixes), body_length, dtype=torch.long))
-        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+class RaggedCache:
+    """A KV cache (transformers calls `update` once per layer) whose rows hold sequences of different lengths.
 
-    def forget_from(self, body_pos: int) -> None:
-        """Drops cached keys/values of body positions >= body_pos."""
-        keep = self.width + body_pos
-        if self.cache is not None and self.fed > keep:
-            self.cache.crop(keep - self.fed)  # transformers 5: a negative count removes that many tokens
-            self.fed = keep
+    `lengths[r]` columns of row r are valid. A pass writes each row's new keys and values at its own columns
+    (`start`, set before the pass, onwards) and returns the buffer up to the longest row; the pass's attention
+    mask hides from every row what lies past its own end. Truncating a row (dropping rejected drafts) is just
+    lowering its length: the next pass overwrites those columns.
+    """
+
+    def __init__(self, rows: int, columns: int):
+        self.columns = columns
+        self.lengths = torch.zeros(rows, dtype=torch.long)
+        self.start = self.lengths
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        rows, heads, width, dim = key.shape
+        if layer_idx == len(self.keys):
+            self.keys.append(key.new_zeros(rows, heads, self.columns, dim))
+            self.values.append(value.new_zeros(rows, heads, self.columns, dim))
+        at = (self.start.to(key.device)[:, None] + torch.arange(width, device=key.device))
+        at = at[:, None, :, None].expand(rows, heads, width, dim)
+        self.keys[layer_idx].scatter_(2, at, key)
+        self.values[layer_idx].scatter_(2, at, value)
+        end = int(self.start.max()) + width
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.lengths, self.start = self.lengths[rows], self.start[rows]
+        self.keys = [k[rows.to(k.device)] for k in self.keys]
+        self.values = [v[rows.to(v.device)] for v in self.values]
+
+
+class WindowBatch:
+    """The rows of one forward pass (prompts' prefixes, conditional and unconditional), each row its prefix
+    then the image body, left-aligned: body position k of row r sits in column prefix[r] + k. Each pass feeds
+    every row from where its cache ends to the end of its window."""
+
+    def __init__(self, backbone, prefixes: list[list[int]], kv_cache: bool, body_length: int, window: int,
+                 copies: int):
+        self.backbone, self.kv_cache, self.copies = backbone, kv_cache, copies
+        self.prefix = torch.tensor([len(p) for p in prefixes])
+        columns = int(self.prefix.max()) + body_length + window + 1
+        self.seq = torch.zeros(len(prefixes), columns, dtype=torch.long)
+        for r, p in enumerate(prefixes):
+            self.seq[r, :len(p)] = torch.tensor(p)
+        self.cache = RaggedCache(len(prefixes), columns)  # empty: the first pass feeds the prefixes too
+        self.dtype = backbone.input_embeddings().weight.dtype
+        self.forward_passes = 0
+
+    def rows(self, per_image: torch.Tensor) -> torch.Tensor:
+        """A per-image tensor repeated for each copy (conditional rows, then unconditional ones)."""
+        return per_image.repeat(self.copies, *[1] * (per_image.dim() - 1))
 
     @torch.no_grad()
-    def body_logits(self, body: torch.Tensor, first: int, last: int) -> torch.Tensor:
-        """Logits predicting body positions first..last (inclusive) with `body` (images, body_length) in
-        place: (rows, last - first + 1, K). Position 0 is predicted by the last header token."""
-        self.ids[:, self.width:] = body.repeat(self.copies, 1)
-        begin, end = self.width + first - 1, self.width + last  # input columns whose outputs we want
-        start = self.fed if self.cache is not None else 0
-        hidden, self.cache = self.backbone.hidden_states(
-            self.ids[:, start:end], attention_mask=self.mask[:, :end] if self.padded else None,
-            position_ids=self.positions[:, start:end], cache=self.cache)
-        if self.cache is not None:
-            self.fed = end
+    def feed(self, end: torch.Tensor) -> torch.Tensor:
+        """Runs every row from its cache end to column end[r] (exclusive): hidden states (rows, width, H),
+        row r's first column being its cache end."""
+        start = self.cache.lengths if self.kv_cache else torch.zeros_like(self.cache.lengths)
+        width = int((end - start).max())
+        columns = start[:, None] + torch.arange(width)
+        # a row whose window is shorter reads a few columns past it: computed, never used, overwritten later
+        ids = self.seq.gather(1, columns.clamp(max=self.seq.shape[1] - 1))
+        keys = torch.arange(int(start.max()) + width)
+        visible = keys[None, None, :] <= columns[:, :, None]  # causal, each row at its own offset
+        mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, torch.finfo(self.dtype).min)
+        self.cache.start = start
+        hidden, _ = self.backbone.hidden_states(ids, attention_mask=mask[:, None], position_ids=columns,
+                                                cache=self.cache)
         self.forward_passes += 1
-        return self.backbone.image_head(hidden[:, begin - start:]).cpu()
+        return hidden
+
+    def window_logits(self, body_ids: torch.Tensor, first: torch.Tensor, slots: int) -> torch.Tensor:
+        """Writes each image's body tokens at positions first .. first + slots - 1 (body_ids (images, slots);
+        position -1 is the header's last token, already there) and returns the image-code logits predicting
+        positions first + 1 .. first + slots: (rows, slots, K)."""
+        first, body_ids = self.rows(first), self.rows(body_ids)
+        columns = self.prefix[:, None] + first[:, None] + torch.arange(slots)
+        inside = columns >= self.prefix[:, None]
+        self.seq[inside.nonzero(as_tuple=True)[0], columns[inside]] = body_ids[inside]
+        hidden = self.feed(columns[:, -1] + 1)
+        start = self.cache.lengths if self.kv_cache else torch.zeros_like(self.cache.lengths)
+        at = (columns - start[:, None]).to(hidden.device)
+        hidden = hidden.gather(1, at[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        return self.backbone.image_head(hidden).cpu()  # sampling happens on the CPU
+
+    def keep(self, fixed_until: torch.Tensor) -> None:
+        """Body positions before fixed_until[image] were fed with their final tokens: the cache keeps them."""
+        if self.kv_cache:
+            self.cache.lengths = self.prefix + self.rows(fixed_until)
+
+    def select(self, images: torch.Tensor) -> None:
+        """Keeps the rows of these images (a bool mask over the images still in the batch)."""
+        rows = self.rows(images).nonzero()[:, 0]
+        self.prefix, self.seq = self.prefix[rows], self.seq[rows]
+        self.cache.select(rows)
 
 
-def sample_image_body_sjd(backbone, prompts: list[str], cfg: SamplingConfig, window: int = DEFAULT_WINDOW,
-                          init: str = "random", progress: bool = False, stats: SamplingStats | None = None,
-                          _accept=speculative_accept) -> torch.Tensor:
-    """Draws one image block per prompt with SJD; returns its vocabulary ids after the header
-    (B, body_length), distributed as `sample_image_body`'s. `_accept` is for tests only (a broken rule must
-    make the distribution test fail)."""
+# --- the drafts ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Window:
+    """Per image: body codes (fixed tokens and drafts), `last` = the last body position whose token is fixed
+    and fed (-1: none yet, the header's last token), and per window slot s (body position last + 1 + s) the
+    law q its draft was drawn from and, for the gumbel coupling, the position's noise."""
+    codes: torch.Tensor  # (images, body_length)
+    last: torch.Tensor  # (images,)
+    q: torch.Tensor  # (images, L, K)
+    noise: torch.Tensor | None  # (images, L, K)
+
+    def take(self, images: torch.Tensor) -> "Window":
+        return Window(self.codes[images], self.last[images], self.q[images],
+                      None if self.noise is None else self.noise[images])
+
+
+class Sampler:
+    """One SJD run's fixed parts: the layout's structure, the settings, the random stream."""
+
+    def __init__(self, layout, cfg: SamplingConfig, accept, redraft_fn):
+        self.bl, self.K, self.R, self.L = layout.body_length, layout.codebook_size, layout.row_length, cfg.sjd_window
+        self.init, self.coupling = cfg.sjd_init, cfg.sjd_coupling
+        self.forced_ids = torch.tensor([-1 if layout.forced_token(j) is None else layout.forced_token(j)
+                                        for j in range(self.bl)])
+        self.forced = self.forced_ids >= 0
+        self.images_before = torch.cat([torch.zeros(1, dtype=torch.long), (~self.forced).long().cumsum(0)])
+        self.layout, self.accept, self.redraft = layout, accept, redraft_fn
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def ids(self, codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Vocabulary ids at body positions (images, n) of `codes`; positions past the body read the last."""
+        at = positions.clamp(0, self.bl - 1)
+        return torch.where(self.forced[at], self.forced_ids[at], self.layout.token_ids(codes.gather(1, at)))
+
+    def start(self, images: int) -> Window:
+        w = Window(torch.zeros(images, self.bl, dtype=torch.long), torch.full((images,), -1),
+                   torch.empty(images, self.L, self.K),
+                   gumbel_noise((images, self.L, self.K), self.generator) if self.coupling == "gumbel" else None)
+        self.initialise(w, torch.ones(images, self.L, dtype=torch.bool))
+        return w
+
+    def initialise(self, w: Window, new: torch.Tensor) -> None:
+        """First drafts for the slots marked `new` (images, L): uniform (or copied from the row above)."""
+        slots = self.L
+        pos = w.last[:, None] + 1 + torch.arange(slots)
+        new = new & (pos < self.bl)
+        img, s = new.nonzero(as_tuple=True)
+        if w.noise is not None:  # the gumbel draw from the uniform law, so later draws couple with it
+            drawn = w.noise[img, s].argmin(-1)
+        else:
+            drawn = torch.randint(self.K, (len(img),), generator=self.generator)
+        w.codes[img, pos[img, s]] = drawn
+        w.q[img, s] = 1.0 / self.K
+        if self.init == "above":
+            # Row by row, so a copy can come from a draft made a row earlier in this same call.
+            for level in range(0, slots, self.R):
+                first_new = torch.where(new, torch.arange(slots), slots).min(1).values
+                this = new & (torch.arange(slots) >= first_new[:, None] + level) & \
+                    (torch.arange(slots) < first_new[:, None] + level + self.R) & (pos >= self.R)
+                img, s = this.nonzero(as_tuple=True)
+                copy = w.codes[img, pos[img, s] - self.R]
+                w.codes[img, pos[img, s]] = copy
+                w.q[img, s] = F.one_hot(copy, self.K).float()
+
+    def distributions(self, logits: torch.Tensor, images: int, cfg: SamplingConfig) -> torch.Tensor:
+        """(rows, slots, K) logits, conditional rows first -> (images, slots, K) processed p."""
+        slots = logits.shape[1]
+        guided = logits.shape[0] > images
+        cond = logits[:images].reshape(-1, self.K)
+        uncond = logits[images:].reshape(-1, self.K) if guided else None
+        return image_token_distribution(cond, uncond, cfg).reshape(images, slots, self.K)
+
+    def verify(self, w: Window, p: torch.Tensor) -> torch.Tensor:
+        """Walks each window, fixes the token where the walk stops; returns how many drafts were accepted."""
+        L, bl = self.L, self.bl
+        ar = torch.arange(len(w.last))
+        pos = w.last[:, None] + 1 + torch.arange(L)
+        at = pos.clamp(max=bl - 1)
+        x = w.codes.gather(1, at)
+        p_x = p[:, :L].gather(2, x[:, :, None])[:, :, 0]
+        q_x = w.q.gather(2, x[:, :, None])[:, :, 0]
+        u = torch.rand(x.shape, generator=self.generator)
+        ok = (self.accept(p_x, q_x, u) | self.forced[at]) & (pos < bl)
+        accepted = ok.long().cumprod(1).sum(1)
+
+        # One fresh token where the walk stopped: the residual after a rejection, p itself past a full window.
+        stop = w.last + 1 + accepted
+        emit = (stop < bl) & ~self.forced[stop.clamp(max=bl - 1)]
+        p_stop = p[ar, accepted]
+        residual = (p_stop - w.q[ar, accepted.clamp(max=L - 1)]).clamp(min=0)
+        law = torch.where((accepted < L)[:, None] & (residual.sum(-1, keepdim=True) > 0), residual, p_stop)
+        w.codes[ar[emit], stop[emit]] = sample(law[emit], self.generator)
+        return accepted
+
+    def advance(self, w: Window, p: torch.Tensor, accepted: torch.Tensor) -> None:
+        """Moves each window past its stop. A slot whose position the pass saw gets that position's p as its
+        new q and a draft from it: coupled with its old draft where it had one, a fresh one past the window.
+        Slots new to the window are initialised."""
+        L, K, bl = self.L, self.K, self.bl
+        w.last = w.last + 1 + accepted
+        old = (accepted + 1)[:, None] + torch.arange(L)  # the slot each new slot's position had in this pass
+        pos = w.last[:, None] + 1 + torch.arange(L)
+        live = (pos < bl) & ~self.forced[pos.clamp(max=bl - 1)]
+        q_old, noise_old = w.q, w.noise
+        w.q = p.gather(1, old.clamp(max=L)[:, :, None].expand(-1, -1, K))
+        if noise_old is not None:  # a position keeps its noise while it stays in the window
+            w.noise = noise_old.gather(1, old.clamp(max=L - 1)[:, :, None].expand(-1, -1, K))
+            fresh = old >= L
+            w.noise[fresh] = gumbel_noise((int(fresh.sum()), K), self.generator)
+
+        coupled = live & (old < L)
+        img, s = coupled.nonzero(as_tuple=True)
+        at = pos[img, s]
+        o = old[img, s]
+        w.codes[img, at] = self.redraft(self.coupling, w.codes[img, at], q_old[img, o], w.q[img, s],
+                                        None if w.noise is None else w.noise[img, s], self.generator)
+        img, s = (live & (old == L)).nonzero(as_tuple=True)  # one past the window: p but no draft yet
+        w.codes[img, pos[img, s]] = (gumbel_draw(w.q[img, s], w.noise[img, s]) if w.noise is not None
+                                     else sample(w.q[img, s], self.generator))
+        self.initialise(w, old > L)
+
+    def fixed_tokens(self, last_before: torch.Tensor, last_after: torch.Tensor) -> torch.Tensor:
+        """Image tokens fixed between two values of `last`."""
+        return self.images_before[(last_after + 1).clamp(max=self.bl)] - self.images_before[last_before + 1]
+
+
+def sample_image_body_sjd(backbone, prompts: list[str], cfg: SamplingConfig, progress: bool = False,
+                          stats: SamplingStats | None = None, _accept=speculative_accept,
+                          _redraft=redraft) -> torch.Tensor:
+    """Draws one image block per prompt with SJD (cfg.sjd_window, sjd_init, sjd_coupling); returns its
+    vocabulary ids after the header (B, body_length), distributed as `sample_image_body`'s. `_accept` and
+    `_redraft` are for tests only (a broken rule must make the distribution test fail)."""
     cfg.validate()
     layout = backbone.layout
-    bl, K, L, R = layout.body_length, layout.codebook_size, window, layout.row_length
-    check_sjd_options(window, init, bl)
-    n, guided = len(prompts), cfg.cfg_scale != 1.0
-    groups = guidance_batches(backbone, prompts, cfg,
-                              lambda prefixes, copies: DraftBatch(backbone, prefixes, cfg.kv_cache, bl, copies))
+    check_sjd_options(cfg.sjd_window, cfg.sjd_init, cfg.sjd_coupling, layout.body_length)
+    L, bl, n = cfg.sjd_window, layout.body_length, len(prompts)
+    groups = guidance_batches(backbone, prompts, cfg, lambda prefixes, copies: WindowBatch(
+        backbone, prefixes, cfg.kv_cache, bl, L, copies))
+    s = Sampler(layout, cfg, _accept, _redraft)
 
-    forced_ids = torch.tensor([-1 if layout.forced_token(j) is None else layout.forced_token(j) for j in range(bl)])
-    forced = forced_ids >= 0
-    images_before = torch.cat([torch.zeros(1, dtype=torch.long), (~forced).long().cumsum(0)])  # per position
-
-    def body_ids(codes):
-        return torch.where(forced, forced_ids, layout.token_ids(codes))
-
-    def skip_forced(a):
-        while True:
-            step = (a < bl) & forced[a.clamp(max=bl - 1)]
-            if not step.any():
-                return a
-            a = a + step.long()
-
-    generator = torch.Generator().manual_seed(cfg.seed)
-    codes = torch.zeros(n, bl, dtype=torch.long)  # drafts and accepted tokens, as codebook indices
-    q = torch.empty(n, L, K)  # q[r, k]: the law codes[r, a[r] + k] was drawn from
-    uniform = torch.full((K,), 1.0 / K)
-
-    def initialise(a, fresh):
-        """New drafts for window slots with fresh[r, k] (positions a[r] + k), in order so that `above`
-        can copy a draft made in the same call."""
-        for k in range(L):
-            pos = (a + k).clamp(max=bl - 1)
-            drawn = torch.randint(K, (n,), generator=generator)
-            rows = fresh[:, k]
-            if init == "above":
-                has_above = rows & (pos >= R)
-                above = codes[torch.arange(n), (pos - R).clamp(min=0)]
-                copy = torch.where(has_above, above, drawn)
-                codes[rows, pos[rows]] = copy[rows]
-                q[rows, k] = torch.where(has_above[rows, None], F.one_hot(copy[rows], K).float(),
-                                         uniform)
-            else:
-                codes[rows, pos[rows]] = drawn[rows]
-                q[rows, k] = uniform
-
-    a = skip_forced(torch.zeros(n, dtype=torch.long))  # accepted body positions per image
-    initialise(a, torch.ones(n, L, dtype=torch.bool))
-    slots = torch.arange(L + 1)
+    window = s.start(n)
+    alive = torch.arange(n)  # the images still drawing, in the groups' row order
+    codes = torch.zeros(n, bl, dtype=torch.long)
     passes = torch.zeros(n, dtype=torch.long)
     histogram = Counter()
     bar = _progress(n * bl, progress)
-    bar.update(int(a.sum()))
-    while (a < bl).any():
-        active = a < bl
-        first = int(a.min())
-        last = int(torch.clamp(a + L, max=bl - 1)[active].max())
-        body = body_ids(codes)
-        logits = torch.cat([g.body_logits(body, first, last) for g in groups])  # (rows, T, K)
-        T = logits.shape[1]
-        p = image_token_distribution(logits[:n].reshape(-1, K), logits[n:].reshape(-1, K) if guided else None,
-                                     cfg).reshape(n, T, K)
-
-        # The window of image r: positions a[r] + k, k < L, plus one past it for the bonus token.
-        pos = a[:, None] + slots
-        inside = pos < bl
-        p_win = p.gather(1, (pos - first).clamp(0, T - 1)[:, :, None].expand(-1, -1, K))
-        x = codes.gather(1, pos[:, :L].clamp(max=bl - 1))
-        u = torch.rand(n, L, generator=generator)
-        ok = _accept(p_win[:, :L].gather(2, x[:, :, None])[:, :, 0], q.gather(2, x[:, :, None])[:, :, 0], u)
-        ok = (ok | forced[pos[:, :L].clamp(max=bl - 1)]) & inside[:, :L]
-        accepted = ok.long().cumprod(1).sum(1)
-        stop = a + accepted  # the corrected or bonus position
-        rejected = active & (accepted < L) & (stop < bl)
-        bonus = active & (accepted == L) & (stop < bl)
-
-        # One fresh token where the walk stopped: the residual after a rejection, p itself after a full window.
-        at_stop = torch.arange(n), accepted.clamp(max=L - 1)
-        residual = (p_win[at_stop] - q[at_stop]).clamp(min=0)
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_win[at_stop])  # p == q: no residual
-        law = torch.where(rejected[:, None], residual, p_win[:, L])
-        fixed = torch.multinomial(law, 1, generator=generator)[:, 0]
-        redrawn = torch.multinomial(p_win.reshape(-1, K), 1, generator=generator).reshape(n, L + 1)
-        sets = (rejected | bonus) & ~forced[stop.clamp(max=bl - 1)]
-        codes[sets, stop[sets]] = fixed[sets]
-
-        # The cache keeps only positions whose fed token survived: those before the stop.
-        survived = torch.where(active, stop, torch.full_like(stop, bl))
+    while len(alive):
+        fed = window.last[:, None] + torch.arange(L + 1)  # the last fixed token and the drafts after it
+        logits = torch.cat([g.window_logits(s.ids(window.codes, fed), window.last, L + 1) for g in groups])
+        p = s.distributions(logits, len(alive), cfg)
+        before = window.last
+        accepted = s.verify(window, p)
+        s.advance(window, p, accepted)
         for g in groups:
-            g.forget_from(int(survived.min()))
+            g.keep(window.last)
+        passes[alive] += 1
+        histogram.update(s.fixed_tokens(before, window.last).tolist())
+        bar.update(int((window.last.clamp(max=bl - 1) - before).sum()))
 
-        new_a = torch.where(active, skip_forced(stop + (rejected | bonus).long()), a)
-        passes += active.long()
-        done_now = images_before[new_a] - images_before[a]
-        histogram.update(done_now[active].tolist())
-        bar.update(int((new_a - a).sum()))
-
-        # Next window: drafts this pass saw are redrawn from its p (which becomes their q); the rest are new.
-        source = new_a[:, None] + slots[:L] - a[:, None]  # slot in this pass's window, or > L if unseen
-        seen = (source <= L) & active[:, None]
-        src = source.clamp(max=L)
-        new_pos = (new_a[:, None] + slots[:L]).clamp(max=bl - 1)
-        redraw = seen & (new_a[:, None] + slots[:L] < bl)
-        codes[redraw.nonzero(as_tuple=True)[0], new_pos[redraw]] = redrawn.gather(1, src)[redraw]
-        q = torch.where(seen[:, :, None], p_win.gather(1, src[:, :, None].expand(-1, -1, K)), q)
-        a = new_a
-        initialise(a, active[:, None] & ~seen & (a[:, None] + slots[:L] < bl))
+        done = window.last >= bl
+        if done.any():
+            codes[alive[done]] = window.codes[done]
+            alive, window = alive[~done], window.take(~done)
+            for g in groups:
+                g.select(~done)
     bar.close()
 
     if stats is not None:
@@ -219,12 +347,11 @@ def sample_image_body_sjd(backbone, prompts: list[str], cfg: SamplingConfig, win
         if isinstance(stats, SJDStats):
             stats.passes_per_image += passes.tolist()
             stats.tokens_per_pass.update(histogram)
-    return body_ids(codes)
+    return s.ids(codes, torch.arange(bl).expand(n, bl))
 
 
-def sample_image_tokens_sjd(backbone, prompts: list[str], cfg: SamplingConfig, window: int = DEFAULT_WINDOW,
-                            init: str = "random", progress: bool = False,
+def sample_image_tokens_sjd(backbone, prompts: list[str], cfg: SamplingConfig, progress: bool = False,
                             stats: SamplingStats | None = None) -> torch.Tensor:
     """Draws one image per prompt with SJD; returns codebook indices (B, rows, cols)."""
-    body = sample_image_body_sjd(backbone, prompts, cfg, window, init, progress, stats)
+    body = sample_image_body_sjd(backbone, prompts, cfg, progress, stats)
     return backbone.layout.codes_from_body(body)
