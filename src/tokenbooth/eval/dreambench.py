@@ -282,7 +282,7 @@ def run_subject(bench: DreamBench, subject: Subject, settings: RunSettings, scor
     from ..images import labeled_rows
     from ..personalize import load_adapter, load_reference_images, train
     from ..personalize.recipe import latest_checkpoint
-    from ..sampling import sample_image_tokens
+    from ..sampling import draw_codes
     from ..vq import tensor_to_pil
 
     adapter = folder / "adapter"
@@ -305,7 +305,7 @@ def run_subject(bench: DreamBench, subject: Subject, settings: RunSettings, scor
         if all(f.is_file() for f in files):
             images = metrics.read_images(files)
         else:
-            codes = sample_image_tokens(personalized, [prompt] * len(files), sampling_config(settings, i))
+            codes = draw_codes(personalized, [prompt] * len(files), sampling_config(settings, i))
             images = tensor_to_pil(personalized.decode_images(codes))
             for f, image in zip(files, images):
                 atomic_save_image(image, f)

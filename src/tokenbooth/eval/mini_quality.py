@@ -21,7 +21,7 @@ import torch
 from ..backbones import load_backbone
 from ..images import make_grid
 from ..io import atomic_save_image, atomic_write_json
-from ..sampling import SamplingConfig, sample_image_tokens
+from ..sampling import SamplingConfig, draw_codes
 from ..toyworld import HELD_OUT_COMBOS, POSITIONS, describe, random_instance, random_scene, render
 from ..toyworld.checker import read_scene
 from ..vq import pil_to_tensor, tensor_to_pil
@@ -60,7 +60,7 @@ def prompts_for(combos, rng):
 def generate(backbone, prompts, cfg, batch=24):
     images = []
     for i in range(0, len(prompts), batch):
-        codes = sample_image_tokens(backbone, prompts[i : i + batch], cfg)
+        codes = draw_codes(backbone, prompts[i : i + batch], cfg)
         images += tensor_to_pil(backbone.decode_images(codes))
     return images
 
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
 
     diversity_prompt = "a blue car on the grass"
     seeds = list(range(8))
-    codes = torch.cat([sample_image_tokens(backbone, [diversity_prompt], SamplingConfig(seed=s)) for s in seeds])
+    codes = torch.cat([draw_codes(backbone, [diversity_prompt], SamplingConfig(seed=s)) for s in seeds])
     distinct = len({tuple(c.flatten().tolist()) for c in codes})
 
     result = {

@@ -134,7 +134,7 @@ def class_tokens(backbone, cfg: TrainConfig, out: Path) -> torch.Tensor:
     """Prior preservation (DreamBooth): the base model's own images of the class, drawn once and cached."""
     from safetensors.torch import load_file, save_file
 
-    from ..sampling import SamplingConfig, sample_image_tokens
+    from ..sampling import SamplingConfig, draw_codes
 
     path = out / "class_tokens.safetensors"
     if path.exists():
@@ -142,7 +142,7 @@ def class_tokens(backbone, cfg: TrainConfig, out: Path) -> torch.Tensor:
         if len(codes) >= cfg.num_class_images:
             return codes[: cfg.num_class_images]
     prompts = [training_prompt(i, cfg.class_name or "", None) for i in range(cfg.num_class_images)]
-    codes = sample_image_tokens(backbone, prompts, SamplingConfig(seed=cfg.seed))
+    codes = draw_codes(backbone, prompts, SamplingConfig(seed=cfg.seed))
     with atomic_path(path) as tmp:
         save_file({"codes": codes.contiguous()}, str(tmp))
     return codes

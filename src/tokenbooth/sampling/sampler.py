@@ -125,10 +125,3 @@ def _progress(total: int, enabled: bool):
 
     return tqdm(total=total, desc="tokens", unit="tok", disable=not enabled, leave=False)
 
-
-def generate_images(backbone, prompts: list[str], cfg: SamplingConfig, progress: bool = False):
-    """Prompts -> PIL images."""
-    from ..vq import tensor_to_pil
-
-    codes = sample_image_tokens(backbone, prompts, cfg, progress=progress)
-    return tensor_to_pil(backbone.decode_images(codes))

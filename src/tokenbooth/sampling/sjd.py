@@ -90,17 +90,22 @@ class RaggedCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
+    def prepare(self, start: torch.Tensor, width: int) -> None:
+        """Before a pass: row r's `width` new columns go to start[r] onwards."""
+        self.start, self.end, self.index = start, int(start.max()) + width, None
+
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         rows, heads, width, dim = key.shape
         if layer_idx == len(self.keys):
             self.keys.append(key.new_zeros(rows, heads, self.columns, dim))
             self.values.append(value.new_zeros(rows, heads, self.columns, dim))
-        at = (self.start.to(key.device)[:, None] + torch.arange(width, device=key.device))
-        at = at[:, None, :, None].expand(rows, heads, width, dim)
-        self.keys[layer_idx].scatter_(2, at, key)
-        self.values[layer_idx].scatter_(2, at, value)
-        end = int(self.start.max()) + width
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+        if self.index is None:  # once per pass: where (row, head, column) lands in a buffer seen as (-1, dim)
+            self.index = ((torch.arange(rows)[:, None, None] * heads + torch.arange(heads)[:, None]) * self.columns
+                          + self.start[:, None, None] + torch.arange(width)).reshape(-1).to(key.device)
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.view(-1, dim).index_copy_(0, self.index, key.reshape(-1, dim))
+        values.view(-1, dim).index_copy_(0, self.index, value.reshape(-1, dim))
+        return keys[:, :, :self.end], values[:, :, :self.end]
 
     def select(self, rows: torch.Tensor) -> None:
         self.lengths, self.start = self.lengths[rows], self.start[rows]
@@ -141,7 +146,7 @@ class WindowBatch:
         keys = torch.arange(int(start.max()) + width)
         visible = keys[None, None, :] <= columns[:, :, None]  # causal, each row at its own offset
         mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, torch.finfo(self.dtype).min)
-        self.cache.start = start
+        self.cache.prepare(start, width)
         hidden, _ = self.backbone.hidden_states(ids, attention_mask=mask[:, None], position_ids=columns,
                                                 cache=self.cache)
         self.forward_passes += 1
@@ -200,6 +205,8 @@ class Sampler:
                                         for j in range(self.bl)])
         self.forced = self.forced_ids >= 0
         self.images_before = torch.cat([torch.zeros(1, dtype=torch.long), (~self.forced).long().cumsum(0)])
+        # an image is done once its last image token is fixed: the structure tokens after it need no pass
+        self.done_after = int((~self.forced).nonzero().max())
         self.layout, self.accept, self.redraft = layout, accept, redraft_fn
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
@@ -331,9 +338,8 @@ def sample_image_body_sjd(backbone, prompts: list[str], cfg: SamplingConfig, pro
             g.keep(window.last)
         passes[alive] += 1
         histogram.update(s.fixed_tokens(before, window.last).tolist())
-        bar.update(int((window.last.clamp(max=bl - 1) - before).sum()))
-
-        done = window.last >= bl
+        done = window.last >= s.done_after
+        bar.update(int((torch.where(done, bl - 1, window.last) - before).sum()))
         if done.any():
             codes[alive[done]] = window.codes[done]
             alive, window = alive[~done], window.take(~done)
