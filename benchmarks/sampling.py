@@ -22,7 +22,7 @@ import torch
 
 from tokenbooth.backbones import load_backbone
 from tokenbooth.io import atomic_write_json
-from tokenbooth.sampling import SamplingConfig, SamplingStats, sample_image_tokens
+from tokenbooth.sampling import SamplingConfig, SamplingStats, draw_codes
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "a red robot on the beach, on the left"
@@ -30,8 +30,9 @@ PROMPT = "a red robot on the beach, on the left"
 
 def timed(backbone, n: int, **settings) -> tuple[float, SamplingStats]:
     stats = SamplingStats()
+    cfg = SamplingConfig.for_family(backbone.family, seed=0, sampler="plain", **settings)
     start = time.perf_counter()
-    sample_image_tokens(backbone, [PROMPT] * n, SamplingConfig(seed=0, **settings), stats=stats)
+    draw_codes(backbone, [PROMPT] * n, cfg, stats=stats)
     return time.perf_counter() - start, stats
 
 

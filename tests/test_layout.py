@@ -49,3 +49,13 @@ def test_body_puts_row_ends_after_every_row_and_the_image_end_last(tiny_backbone
         if expected is not None:
             assert (body[:, j] == expected).all()
     assert torch.equal(layout.codes_from_body(body), codes)
+
+
+def test_training_labels_hold_the_codes_at_image_positions_and_ignore_structure_tokens(tiny_backbone):
+    layout = tiny_backbone.layout
+    codes = torch.randint(0, layout.codebook_size, (2, layout.rows, layout.cols))
+    labels, body = layout.body_labels(codes), layout.body_from_codes(codes)
+    image = layout.image_positions()
+    assert (labels[:, ~image] == -100).all()
+    assert torch.equal(labels[:, image].reshape(codes.shape), codes)
+    assert torch.equal(layout.token_ids(labels[:, image]), body[:, image])

@@ -214,6 +214,17 @@ def test_greedy_sjd_is_greedy_plain_sampling_even_with_padded_rows(tiny_backbone
     assert torch.equal(sample_image_body_sjd(tiny_backbone, prompts, cfg), sample_image_body(tiny_backbone, prompts, cfg))
 
 
+def test_draw_gives_the_same_greedy_codes_with_either_sampler(tiny_backbone):
+    from tokenbooth.sampling import draw_codes
+
+    prompts = ["a red robot on the beach, on the left", "a cup"]
+    plain = draw_codes(tiny_backbone, prompts, SamplingConfig(seed=0, image_top_k=1))
+    stats = SJDStats()
+    sjd = draw_codes(tiny_backbone, prompts, SamplingConfig(seed=0, image_top_k=1, sampler="sjd", sjd_window=8),
+                     stats=stats)
+    assert torch.equal(plain, sjd) and stats.forward_passes < tiny_backbone.layout.rows * tiny_backbone.layout.cols
+
+
 @pytest.mark.parametrize("kv_cache,batched_cfg", [(False, True), (True, False)])
 def test_speedups_do_not_change_the_sjd_image(tiny_backbone, kv_cache, batched_cfg):
     prompts = ["a red robot on the beach, on the left", "a cup"]

@@ -197,9 +197,11 @@ def load_chameleon(folder: Path, name: str | None = None, dtype=None, resolution
                    device: str | None = None) -> ChameleonBackbone:
     """A tokenbooth Chameleon folder, or Lumina-mGPT's as published (see the module docstring)."""
     from tokenizers import Tokenizer
-    from transformers import ChameleonForConditionalGeneration
 
-    from .hf import load_pretrained, read_config
+    from .hf import load_pretrained, quiet_imports, read_config
+
+    with quiet_imports():
+        from transformers import ChameleonForConditionalGeneration
 
     folder = Path(folder)
     read_config(folder)

@@ -59,6 +59,25 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
+@contextlib.contextmanager
+def quiet_imports():
+    """For importing transformers' model classes: its modeling_utils imports torchao whenever torchao is
+    installed, and a torchao built for another torch logs the optional kernels it cannot load and torch's
+    register_constant deprecation, once per process. Harmless to tokenbooth, which never uses torchao through
+    transformers, and nothing a user can act on."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def load_pretrained(cls, folder: Path, *, dtype=None, device: str | None = None, optional=(), accept_mismatch=None):
     """`cls.from_pretrained(folder)` with tokenbooth's rules. Parameters whose name contains one of `optional`
     may be absent from the files; `accept_mismatch(name, shape_in_file, shape_in_model)` may accept a shape

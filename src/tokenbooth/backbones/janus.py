@@ -162,9 +162,11 @@ class JanusBackbone(ImageLogits):
 def load_janus(folder: Path, name: str | None = None, dtype=None, resolution: int | None = None,
                device: str | None = None) -> JanusBackbone:
     from tokenizers import Tokenizer
-    from transformers import JanusForConditionalGeneration
 
-    from .hf import load_pretrained, read_config, require
+    from .hf import load_pretrained, quiet_imports, read_config, require
+
+    with quiet_imports():
+        from transformers import JanusForConditionalGeneration
 
     folder = Path(folder)
     config = read_config(folder)

@@ -178,7 +178,9 @@ def add_lora(backbone, cfg: TrainConfig):
     full: a multimodal model (Janus-Pro's vision tower) has other q_proj/k_proj/v_proj that must stay as they are."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = [f"{prefix}.{proj}" for prefix in _attention_prefixes(backbone)[:: cfg.lora_every] for proj in QKV]
+    trainable = backbone.trainable_parameters()
+    targets = [f"{prefix}.{proj}" for prefix in _attention_prefixes(backbone)[:: cfg.lora_every] for proj in QKV
+               if f"{prefix}.{proj}.weight" in trainable]
     lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, lora_dropout=0.0, target_modules=targets)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: the same seed gives the same run
     inject_adapter_in_model(lora_config, backbone.model)
