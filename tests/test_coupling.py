@@ -5,7 +5,8 @@ import pytest
 import torch
 from distributions import chi_square_p_value
 
-from tokenbooth.sampling.coupling import COUPLINGS, gumbel_draw, gumbel_noise, maximal_coupling, redraft, sample
+from tokenbooth.sampling.coupling import COUPLINGS, gumbel_draw, gumbel_noise, maximal_coupling, redraft
+from tokenbooth.sampling.processors import sample
 
 K = 6
 DRAWS = 60_000
@@ -81,3 +82,11 @@ def test_maximal_coupling_never_moves_a_draft_whose_law_did_not_change():
     q = torch.softmax(torch.randn(50, K), -1)
     old = sample(q, torch.Generator().manual_seed(0))
     assert torch.equal(maximal_coupling(old, q, q.clone(), torch.Generator().manual_seed(1)), old)
+
+
+def test_sample_draws_each_code_with_its_probability_and_never_an_impossible_one():
+    q = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    draws = sample(q.expand(DRAWS, K), torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=K)
+    assert counts[q == 0].sum() == 0 and chi_square_p_value(counts, q) > ALPHA
+    assert sample(torch.empty(0, K), torch.Generator()).shape == (0,)

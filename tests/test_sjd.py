@@ -11,7 +11,8 @@ import torch
 from tokenbooth.errors import UserError
 from tokenbooth.sampling import SamplingConfig, SamplingStats, image_token_distribution
 from tokenbooth.sampling.sampler import sample_image_body
-from tokenbooth.sampling.coupling import COUPLINGS, sample
+from tokenbooth.sampling.coupling import COUPLINGS
+from tokenbooth.sampling.processors import sample
 from tokenbooth.sampling.sjd import SJDStats, sample_image_body_sjd
 
 
@@ -212,6 +213,19 @@ def test_greedy_sjd_is_greedy_plain_sampling_even_with_padded_rows(tiny_backbone
     prompts = ["a red robot on the beach, on the left", "a cup"]
     assert tiny_backbone.layout.body_length == 73
     assert torch.equal(sample_image_body_sjd(tiny_backbone, prompts, cfg), sample_image_body(tiny_backbone, prompts, cfg))
+
+
+def test_greedy_sjd_is_greedy_plain_sampling_on_janus_too(tmp_path):
+    """Janus-Pro is a Llama under the hood, with its own CFG rows: the ragged cache must serve it as well."""
+    from test_backbones_real import write_janus_folder
+
+    from tokenbooth.backbones import load_backbone
+
+    janus = load_backbone(str(write_janus_folder(tmp_path / "tiny-janus", dtype=torch.float32)))
+    prompts = ["a red robot on the beach, on the left", "a cup"]
+    for coupling in COUPLINGS:
+        cfg = SamplingConfig(**sjd(sjd_window=5, sjd_coupling=coupling), seed=0, image_top_k=1)
+        assert torch.equal(sample_image_body_sjd(janus, prompts, cfg), sample_image_body(janus, prompts, cfg))
 
 
 def test_draw_gives_the_same_greedy_codes_with_either_sampler(tiny_backbone):

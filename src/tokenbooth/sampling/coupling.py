@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import torch
 
+from .processors import sample
+
 COUPLINGS = ("none", "maximal", "gumbel")
 DEFAULT_COUPLING = "maximal"
 
@@ -55,11 +57,6 @@ def redraft(coupling: str, old: torch.Tensor, q_old: torch.Tensor, q_new: torch.
     if coupling == "gumbel":
         return gumbel_draw(q_new, noise)
     return sample(q_new, generator)
-
-
-def sample(q: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One independent draw per row of q (N, K)."""
-    return torch.multinomial(q, 1, generator=generator)[:, 0] if len(q) else torch.zeros(0, dtype=torch.long)
 
 
 def maximal_coupling(old: torch.Tensor, q_old: torch.Tensor, q_new: torch.Tensor,

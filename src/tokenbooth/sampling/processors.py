@@ -72,6 +72,15 @@ def image_token_distribution(cond_logits: torch.Tensor, uncond_logits: torch.Ten
     return probs
 
 
+def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw per row of probs (N, K), by inverting the cumulative sum: a single uniform per row and a binary
+    search, several times cheaper than torch.multinomial on small rows. A code of probability 0 is never drawn
+    (its cumulative sum equals its predecessor's, and the search returns the first sum above the uniform)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
+
+
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches top_p (the top token always stays)."""
     sorted_p, order = probs.sort(dim=-1, descending=True)

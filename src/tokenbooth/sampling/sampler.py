@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import UserError
-from .processors import SamplingConfig, image_token_distribution
+from .processors import SamplingConfig, image_token_distribution, sample
 
 
 class GrowingBatch:
@@ -108,7 +108,7 @@ def sample_image_body(backbone, prompts: list[str], cfg: SamplingConfig, progres
             token = torch.full((n,), forced, dtype=torch.long)
         else:
             probs = image_token_distribution(*logits_pair(), cfg)
-            token = layout.token_ids(torch.multinomial(probs, 1, generator=generator).squeeze(1))
+            token = layout.token_ids(sample(probs, generator))
         body[:, j] = token
         for g in groups:
             g.append(token.repeat(g.ids.shape[0] // n, 1).reshape(-1, 1))

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .coupling import COUPLINGS, gumbel_draw, gumbel_noise, redraft, sample
-from .processors import SamplingConfig, image_token_distribution
+from .coupling import COUPLINGS, gumbel_draw, gumbel_noise, redraft
+from .processors import SamplingConfig, image_token_distribution, sample
 from .sampler import SamplingStats, _progress, guidance_batches
 
 INITS = ("random", "above")
