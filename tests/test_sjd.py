@@ -307,10 +307,10 @@ def test_bad_sampling_settings_are_refused_by_sjd_too(tiny_backbone):
 def test_generate_with_the_sjd_sampler(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code, _, _ = run(capsys, "generate", "a red robot", "--model", str(tiny_model_dir), "-n", "2", "--out", str(out),
-                     "--sampler", "sjd", "--sjd-window", "8", "--sjd-init", "above", "--sjd-coupling", "gumbel")
+                     "--sampler", "sjd", "--sjd-window", "8", "--sjd-init", "random", "--sjd-coupling", "gumbel")
     assert code == 0 and (out / "image-001.png").exists() and (out / "grid.png").exists()
     meta = json.loads((out / "generate.json").read_text())
-    assert meta["sampler"] == "sjd" and meta["sjd_window"] == 8 and meta["sjd_init"] == "above"
+    assert meta["sampler"] == "sjd" and meta["sjd_window"] == 8 and meta["sjd_init"] == "random"
     assert meta["sjd_coupling"] == "gumbel"
     assert 0 < meta["forward_passes"] < 64  # plain sampling takes 64 passes for an 8 x 8 image
 

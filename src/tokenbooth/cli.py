@@ -21,7 +21,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
                    help="sjd: speculative Jacobi decoding, the same images in fewer forward passes")
     p.add_argument("--sjd-window", type=int, metavar="L", help="draft tokens per SJD pass (default 16, the paper's)")
     p.add_argument("--sjd-init", metavar="{random,above}",
-                   help="how SJD fills new draft positions: a random image token (default) or the token above")
+                   help="how SJD fills new draft positions: the token one row above (default) or a random one")
     p.add_argument("--sjd-coupling", metavar="{none,maximal,gumbel}",
                    help="how SJD re-draws drafts it has not verified yet: coupled with the old draft (maximal, the "
                         "default, or gumbel; MC-SJD) or independently (none); the same images either way")

@@ -26,7 +26,9 @@ class SamplingConfig:
     batched_cfg: bool = True  # conditional and unconditional rows in one forward pass
     sampler: str = "plain"  # "plain", or "sjd": speculative Jacobi decoding, same distribution, fewer passes
     sjd_window: int = 16  # draft tokens per SJD pass (the SJD paper's window length)
-    sjd_init: str = "random"  # how SJD fills new draft positions: a random image token or the token "above"
+    # how SJD fills new draft positions: the token "above" (one image row up) or a "random" image token; on mini
+    # "above" gives slightly more tokens per pass (benchmarks/results/sjd.json)
+    sjd_init: str = "above"
     # how SJD re-draws a draft it could not verify yet: "none" (independently), "maximal" or "gumbel" (coupled
     # with the old draft, MC-SJD: the same law, the old token kept as often as possible; sampling/coupling.py)
     sjd_coupling: str = "maximal"
