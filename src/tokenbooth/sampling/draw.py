@@ -58,8 +58,3 @@ def draw(backbone, prompts: list[str], cfg: SamplingConfig, progress: bool = Fal
     codes = draw_codes(backbone, prompts, cfg, progress=progress, stats=stats)
     images = tensor_to_pil(backbone.decode_images(codes))
     return Drawing(codes=codes, images=images, stats=stats, seconds=time.time() - t0)
-
-
-def generate_images(backbone, prompts: list[str], cfg: SamplingConfig, progress: bool = False) -> list:
-    """Prompts -> PIL images, with the sampler the config names."""
-    return draw(backbone, prompts, cfg, progress).images
