@@ -15,7 +15,7 @@ def build_parser():
 
     ap = Parser(prog="tokenbooth", description="Personalize auto-regressive text-to-image models.")
     ap.add_argument("--version", action="version", version=f"tokenbooth {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{generate,train,demo,score,eval,convert,ui}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{generate,train,demo,score,eval,convert,ui,plan}")
     for module in MODULES:
         module.add_parser(sub)
     return ap

@@ -7,3 +7,5 @@ HERE = Path(__file__).resolve().parent
 MINI_DIR = HERE / "mini"  # mini: Chameleon checkpoint, tokenizer, tokenbooth.json, vqgan/
 TOYCLIP_DIR = HERE / "toyclip"  # toyCLIP in transformers' CLIPModel format
 DEMO_SUBJECT_DIR = HERE / "demo_subject"  # the demo robot's reference pictures
+CONFIGS_DIR = HERE / "configs"  # the published models' config.json files, for `tokenbooth plan`
+ACCELERATE_FSDP = HERE / "accelerate" / "fsdp.yaml"  # `accelerate launch` config for sharded stage 2

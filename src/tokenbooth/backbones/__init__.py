@@ -34,11 +34,12 @@ def loaders() -> dict:
 
 
 def load_backbone(name_or_path: str, resolution: int | None = None, device: str | None = None,
-                  dtype=None) -> Backbone:
+                  dtype=None, quantize: str = "none") -> Backbone:
     """`mini`, a published model's name (lumina-mgpt-7b-768, janus-pro-1b, ...) or a path to a model folder.
 
     resolution: for a Lumina-mGPT folder whose name does not say it. device: None = the GPU if there is one,
-    "auto" = layers spread over all GPUs. dtype: None = the checkpoint's own (bf16 for the published models)."""
+    "auto" = layers spread over all GPUs. dtype: None = the checkpoint's own (bf16 for the published models).
+    quantize: "int8" or "nf4" for a frozen base in 8 or 4 bits (personalize/lean.py), quantized on the CPU."""
     from .hf import read_config
     from .hub import cached_snapshot
 
@@ -66,5 +67,5 @@ def load_backbone(name_or_path: str, resolution: int | None = None, device: str 
     if load is None:
         raise UserError(f"{folder} holds a {model_type!r} model; tokenbooth reads chameleon (Lumina-mGPT, mini) "
                         f"and janus (Janus-Pro) checkpoints")
-    return load(folder, name, dtype=dtype, resolution=resolution, device=device)
+    return load(folder, name, dtype=dtype, resolution=resolution, device=device, quantize=quantize)
 

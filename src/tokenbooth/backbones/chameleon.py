@@ -194,7 +194,7 @@ class ChameleonBackbone(ImageLogits):
 # --- loading --------------------------------------------------------------------------------------------
 
 def load_chameleon(folder: Path, name: str | None = None, dtype=None, resolution: int | None = None,
-                   device: str | None = None) -> ChameleonBackbone:
+                   device: str | None = None, quantize: str = "none") -> ChameleonBackbone:
     """A tokenbooth Chameleon folder, or Lumina-mGPT's as published (see the module docstring)."""
     from tokenizers import Tokenizer
 
@@ -216,7 +216,8 @@ def load_chameleon(folder: Path, name: str | None = None, dtype=None, resolution
     vqgan = find_vqgan(folder)
     model, reshaped = load_pretrained(ChameleonForConditionalGeneration, folder, dtype=dtype, device=device,
                                       optional=(".vqmodel.",),  # Lumina-mGPT deletes the VQ model before saving
-                                      accept_mismatch=_is_sharded_qk_norm)
+                                      accept_mismatch=_is_sharded_qk_norm, quantize=quantize,
+                                      decoder_layers=lambda m: list(m.model.layers))
     if reshaped:
         _expand_sharded_qk_norms(model, folder, reshaped)
     try:

@@ -78,17 +78,24 @@ def quiet_imports():
             lg.setLevel(level)
 
 
-def load_pretrained(cls, folder: Path, *, dtype=None, device: str | None = None, optional=(), accept_mismatch=None):
+def load_pretrained(cls, folder: Path, *, dtype=None, device: str | None = None, optional=(), accept_mismatch=None,
+                    quantize: str = "none", decoder_layers=None):
     """`cls.from_pretrained(folder)` with tokenbooth's rules. Parameters whose name contains one of `optional`
     may be absent from the files; `accept_mismatch(name, shape_in_file, shape_in_model)` may accept a shape
-    difference the caller then repairs. Returns (model in eval mode, the accepted mismatches)."""
+    difference the caller then repairs. quantize: "int8" or "nf4" stores the Linear weights of
+    `decoder_layers(model)` quantized (personalize/lean.py), done on the CPU before the model moves to its
+    device, so the device never holds the full-precision model. Returns (model in eval mode, the accepted
+    mismatches)."""
     from safetensors import SafetensorError
 
     folder = Path(folder)
     if not any((folder / f).is_file() for f in WEIGHT_FILES):
         raise UserError(f"model file missing: {folder / 'model.safetensors'} (or sharded model-*.safetensors with "
                         f"model.safetensors.index.json)")
-    device = resolve_device(device)
+    if quantize != "none" and device == "auto":
+        raise UserError(f"--quantize {quantize} puts the model on one device; leave out --device auto")
+    target = resolve_device(device)
+    device = "cpu" if quantize != "none" else target
     # device_map puts each weight where it belongs as it is read: no CPU copy of a 14 GB model on the way
     kwargs = dict(dtype=dtype or "auto", local_files_only=True, output_loading_info=True,
                   ignore_mismatched_sizes=True, attn_implementation="sdpa", device_map=device)
@@ -111,6 +118,11 @@ def load_pretrained(cls, folder: Path, *, dtype=None, device: str | None = None,
         else:
             detail = f"the files hold {unexpected[0]}, which the config does not build"
         raise UserError(f"weights in {folder} do not match its config.json: {detail}")
+    if quantize != "none":
+        from ..personalize.lean import quantize_layers
+
+        quantize_layers(decoder_layers(model), quantize)
+        model.to(target)
     return model.eval(), [m for m in mismatched if m not in refused]
 
 

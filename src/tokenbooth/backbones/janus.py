@@ -108,8 +108,8 @@ class JanusBackbone(ImageLogits):
         ids = ids.to(self.device)
         is_image = ids >= self.image_base
         text = self.lm.embed_tokens(torch.where(is_image, torch.zeros_like(ids), ids))
-        if not bool(is_image.any()):
-            return text
+        # every position goes through the image path too (text positions as code 0, then masked out): no
+        # branch on the ids' values, so `tokenbooth plan` can run this on fake tensors; the aligner is tiny
         codes = (ids - self.image_base).clamp(min=0)
         image = self.janus.generation_aligner(self.janus.generation_embeddings(codes))
         return torch.where(is_image[..., None], image.to(text.device, text.dtype), text)
@@ -160,7 +160,7 @@ class JanusBackbone(ImageLogits):
 
 
 def load_janus(folder: Path, name: str | None = None, dtype=None, resolution: int | None = None,
-               device: str | None = None) -> JanusBackbone:
+               device: str | None = None, quantize: str = "none") -> JanusBackbone:
     from tokenizers import Tokenizer
 
     from .hf import load_pretrained, quiet_imports, read_config, require
@@ -174,7 +174,8 @@ def load_janus(folder: Path, name: str | None = None, dtype=None, resolution: in
     if resolution is not None and resolution != native:
         raise UserError(f"Janus-Pro draws {native}x{native} images only (got --resolution {resolution})")
     tokenizer_path = require(folder / "tokenizer.json")
-    model, _ = load_pretrained(JanusForConditionalGeneration, folder, dtype=dtype, device=device)
+    model, _ = load_pretrained(JanusForConditionalGeneration, folder, dtype=dtype, device=device, quantize=quantize,
+                               decoder_layers=lambda m: list(m.model.language_model.layers))
     model.model.vqmodel.float()  # small, and its codebook search should not round in bf16
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_path))

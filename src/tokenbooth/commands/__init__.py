@@ -2,6 +2,6 @@
 `run(args)` turns them into typed settings and calls the library. Nothing outside this package sees
 argparse."""
 
-from . import convert, demo, eval, generate, score, train, ui
+from . import convert, demo, eval, generate, plan, score, train, ui
 
-MODULES = (generate, train, demo, score, eval, convert, ui)
+MODULES = (generate, train, demo, score, eval, convert, ui, plan)

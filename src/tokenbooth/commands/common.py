@@ -77,12 +77,12 @@ def check_device(device: str | None) -> None:
         raise UserError(f"--device {device}: no GPU is visible to torch")
 
 
-def load_model(args):
+def load_model(args, quantize: str = "none"):
     from ..backbones import load_backbone
 
     check_device(getattr(args, "device", None))
     return load_backbone(args.model or DEFAULT_MODEL, resolution=getattr(args, "resolution", None),
-                         device=getattr(args, "device", None))
+                         device=getattr(args, "device", None), quantize=quantize)
 
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:

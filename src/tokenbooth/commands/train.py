@@ -19,7 +19,8 @@ TRAIN_FLAGS = {
     "stage1_steps": int, "stage1_lr": finite_float, "stage2_steps": int, "stage2_lr": finite_float,
     "batch_size": int, "flip": bool, "seed": int, "checkpointing_steps": int, "prior_preservation": bool,
     "num_class_images": int, "prior_loss_weight": finite_float, "validation_prompts": list,
-    "validation_steps": int, "gradient_checkpointing": bool,
+    "validation_steps": int, "gradient_checkpointing": bool, "gradient_accumulation_steps": int, "quantize": str,
+    "optimizer": str,
 }
 HELP = {
     "placeholder": "the string prompts use for the subject",
@@ -32,12 +33,19 @@ HELP = {
     "prior_preservation": "DreamBooth's class-prior loss",
     "validation_prompts": "draw this prompt every --validation-steps (repeatable)",
     "gradient_checkpointing": "recompute activations in the backward pass: less GPU memory, slower steps",
+    "gradient_accumulation_steps": "split each step's --batch-size pairs into this many micro-batches (same "
+                                   "gradient, less memory)",
+    "quantize": "frozen base in int8 or nf4 (4-bit; with --layers lora: QLoRA); `tokenbooth plan` tells what fits",
+    "optimizer": "adamw, or adamw8bit (both moments in 8 bits)",
 }
 
 
 def add_parser(subparsers) -> None:
     from ..personalize import TrainConfig
+    from ..personalize.lean import OPTIMIZERS, QUANTIZE
     from ..personalize.recipe import STAGE_PLANS
+
+    choices = {"stages": list(STAGE_PLANS), "quantize": list(QUANTIZE), "optimizer": list(OPTIMIZERS)}
 
     t = subparsers.add_parser("train", help="personalize a model on 3-5 images of a subject (two-stage recipe)",
                               description="Personalize a model on 3-5 images of a subject (two-stage recipe).")
@@ -64,7 +72,7 @@ def add_parser(subparsers) -> None:
         elif kind is list:
             t.add_argument("--validation-prompt", action="append", dest=name, metavar="PROMPT", help=text)
         else:
-            t.add_argument(flag, type=kind, help=text, **({"choices": list(STAGE_PLANS)} if name == "stages" else {}))
+            t.add_argument(flag, type=kind, help=text, **({"choices": choices[name]} if name in choices else {}))
     t.set_defaults(run=run)
 
 
@@ -103,6 +111,7 @@ def resumed_run(out: Path, args, given: dict):
 
 def run(args: argparse.Namespace) -> None:
     from ..personalize import TrainConfig, load_reference_images, train
+    from ..personalize.sharded import Sharding
 
     given = given_settings(args)
     out = args.output if args.resume in (None, "latest") else Path(args.resume)
@@ -117,7 +126,7 @@ def run(args: argparse.Namespace) -> None:
         images_folder = args.images
     if images_folder is None:
         raise UserError("--images is required (the folder with the subject's images)")
-    backbone = load_model(args)
+    backbone = load_model(args, quantize=cfg.quantize if resuming else given.get("quantize", "none"))
     if not resuming:
         cfg = TrainConfig.for_family(backbone.family, **given)
     images = load_reference_images(images_folder, backbone.resolution)
@@ -127,7 +136,8 @@ def run(args: argparse.Namespace) -> None:
     source = {"model": args.model or DEFAULT_MODEL, "resolution": args.resolution,
               "images": str(Path(images_folder).resolve())}
     try:
-        train(backbone, images, cfg, out, resume=resuming, source=source)
+        train(backbone, images, cfg, out, resume=resuming, source=source,
+              sharding=Sharding.from_environment())  # under `accelerate launch`: one run over the processes
     except OSError as e:
         raise UserError(f"could not write to {out}: {e.strerror or e}; the last complete checkpoint is kept") from None
     print(f"adapter written to {out} ({time.time() - t0:.0f}s); try: tokenbooth generate --adapter {out} "

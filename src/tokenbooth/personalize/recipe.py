@@ -25,6 +25,8 @@ from ..errors import UserError
 from ..io import atomic_path, atomic_save_image, atomic_write_json, read_json_object
 from ..vq import pil_to_tensor
 from . import adapter as adapter_files
+from .lean import make_optimizer
+from .sharded import Sharding, clip_gradients, full, load_optimizer, whole_optimizer_state
 from .templates import OBJECT_TEMPLATES, training_prompt
 
 STAGE_PLANS = {
@@ -60,6 +62,10 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int = 100
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~30% slower
+    # Memory-lean options (lean.py; `tokenbooth plan` tells which a GPU needs):
+    gradient_accumulation_steps: int = 1  # each step in this many micro-batches: batch_size / this pairs at once
+    quantize: str = "none"  # frozen base in "int8" or "nf4" (with --layers lora: QLoRA)
+    optimizer: str = "adamw"  # "adamw8bit": AdamW's two moments in 8 bits
 
     @classmethod
     def for_family(cls, family: str, **overrides) -> "TrainConfig":
@@ -87,7 +93,7 @@ def stage_plan(stages: str, stage1_steps: int, stage2_steps: int) -> list[tuple[
 
 
 COUNTS = ("stage1_steps", "stage2_steps", "batch_size", "lora_rank", "lora_every", "checkpointing_steps",
-          "validation_steps", "num_class_images")
+          "validation_steps", "num_class_images", "gradient_accumulation_steps")
 RATES = ("stage1_lr", "stage2_lr")
 
 
@@ -115,6 +121,14 @@ def check_train_values(values: dict) -> None:
                             f"(got {value})")
     if given.get("layers") not in (None, "qkv", "lora"):
         layer_patterns(given["layers"])
+    accumulation, batch = given.get("gradient_accumulation_steps"), given.get("batch_size")
+    if accumulation and batch and batch % accumulation:
+        raise UserError(f"--gradient-accumulation-steps {accumulation} must divide --batch-size {batch} (equal "
+                        f"micro-batches give the big batch's gradient)")
+    from .lean import check_lean_options
+
+    check_lean_options(given.get("quantize", "none"), given.get("optimizer", "adamw"),
+                       given.get("layers", "qkv") if given.get("stages") != "embedding" else "")
 
 
 def layer_patterns(layers: str) -> list[re.Pattern]:
@@ -158,7 +172,7 @@ class Placeholder:
                 raise UserError(f"--init-token {cfg.init_token!r} has no tokens")
             init = table[ids].float().mean(0)
         else:  # random, at the scale of the existing rows
-            init = torch.randn(table.shape[1], generator=generator).to(table.device) * table.float().std()
+            init = torch.randn(table.shape[1], generator=generator).to(table.device) * _std(table)
         # fp32 master copy even when the model is bf16, on the table's device
         self.embedding = torch.nn.Parameter(init.float().clone())
 
@@ -172,12 +186,25 @@ class Placeholder:
         return backbone.prompt_ids(adapter_files.substitute_placeholder(prompt, self.text, self.token))
 
 
+def _std(table: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """The table's standard deviation in fp32, a block of rows at a time: no fp32 copy of the whole table
+    (1 GB for Lumina-mGPT's 65,536 x 4096)."""
+    mean = sum(block.float().sum() for block in table.split(rows)) / table.numel()
+    return (sum(((block.float() - mean) ** 2).sum() for block in table.split(rows)) / (table.numel() - 1)).sqrt()
+
+
 def reference_tokens(backbone, images, flip: bool) -> torch.Tensor:
     """VQ codes of every reference (and its mirror image when flipping): computed once, not every step."""
     pixels = pil_to_tensor(images)
     if flip:
         pixels = torch.cat([pixels, pixels.flip(-1)])
-    return backbone.encode_images(pixels)
+    return encode_each(backbone, pixels)
+
+
+def encode_each(backbone, pixels: torch.Tensor) -> torch.Tensor:
+    """VQ codes one image at a time: the encoder's full-resolution fp32 activations of a whole batch of 768-px
+    references would take more memory than training (about 1.2 GB per feature map for 4 images)."""
+    return torch.cat([backbone.encode_images(p[None]) for p in pixels])
 
 
 def class_tokens(backbone, cfg: TrainConfig, out: Path) -> torch.Tensor:
@@ -274,20 +301,41 @@ def make_batch(backbone, placeholder: Placeholder, cfg: TrainConfig, codes: torc
     return ids, lab
 
 
-def batch_loss(backbone, placeholder: Placeholder, ids, labels, autocast) -> torch.Tensor:
+LOSS_CHUNK_TOKENS = 4096  # image-head rows per loss chunk: (4096, K) fp32 logits alive at a time, 134 MB for K = 8192
+
+
+def batch_loss(backbone, placeholder: Placeholder, ids, labels, autocast, chunk_tokens: int = LOSS_CHUNK_TOKENS
+               ) -> torch.Tensor:
     """Mean cross-entropy of the next image code, over the image codes only.
 
     The softmax runs over the K codes of `image_head`, not the whole vocabulary. That is Janus-Pro's own loss
     (its generation head has no text columns) and, for Lumina-mGPT, the log-likelihood of what its sampler
     actually draws (text tokens are masked at image positions); it differs from the full-vocabulary
     cross-entropy Lumina-mGPT trains with by the mass that softmax gives text tokens, which sampling never
-    uses. It also skips 7/8 of Chameleon's output layer, and the head runs only where there is a label."""
+    uses. It also skips 7/8 of Chameleon's output layer.
+
+    The hidden states are computed once; the head and the cross-entropy run over chunks of about
+    `chunk_tokens` positions, each under activation checkpointing, so the (batch, sequence, K) logits never
+    exist whole, in the forward pass or the backward (Lumina-mGPT 768, batch 8: 0.27 GB a chunk instead of
+    5 GB at once). Prompt positions go through the head too and are ignored by the loss (-100): about 2% more
+    head work, and no shape that depends on the labels' values."""
+    from torch.utils.checkpoint import checkpoint
+
     targets = labels[:, 1:]
-    scored = targets >= 0
     with autocast():
         hidden, _ = backbone.hidden_states(inputs_embeds=placeholder.embed(backbone, ids))
-        logits = backbone.image_head(hidden[:, :-1][scored.to(hidden.device)])
-    return F.cross_entropy(logits.float(), targets[scored].to(logits.device))
+    hidden = hidden[:, :-1]
+    targets = targets.to(hidden.device)
+    width = max(1, chunk_tokens // hidden.shape[0])
+
+    def chunk_loss(h, t):
+        with autocast():
+            logits = backbone.image_head(h)
+        return F.cross_entropy(logits.float().flatten(0, 1), t.flatten(), ignore_index=-100, reduction="sum")
+
+    total = sum(checkpoint(chunk_loss, hidden[:, i:i + width], targets[:, i:i + width], use_reentrant=False)
+                for i in range(0, hidden.shape[1], width))
+    return total / (targets >= 0).sum()
 
 
 # --- before the run -------------------------------------------------------------------------------
@@ -295,12 +343,17 @@ def batch_loss(backbone, placeholder: Placeholder, ids, labels, autocast) -> tor
 RUN_FILE = "train_config.json"  # {"config": the TrainConfig, "source": ...}: --resume continues exactly that run
 
 
-def check_run(backbone, cfg: TrainConfig, out: Path, resume: bool) -> None:
+def check_run(backbone, cfg: TrainConfig, out: Path, resume: bool, sharding=None) -> None:
     """Everything that would stop the run, checked before it writes anything: the settings, the class word,
     the --layers targets, the sequence length, and what `out` already holds."""
     from ..io import check_can_create
 
     cfg.validate()
+    if sharding is not None:
+        sharding.check(cfg.batch_size, cfg.gradient_accumulation_steps)
+        if cfg.optimizer != "adamw" or cfg.quantize != "none" or cfg.prior_preservation:
+            raise UserError("a sharded run (several processes) trains with --optimizer adamw on an unquantized "
+                            "base, without --prior-preservation (FSDP already splits AdamW's state over the GPUs)")
     check_class_name(backbone, cfg.class_name)
     if cfg.layers != "lora":
         select_layer_params(backbone, cfg)
@@ -318,6 +371,8 @@ def check_run(backbone, cfg: TrainConfig, out: Path, resume: bool) -> None:
         raise UserError(f"{out} already holds an adapter; choose another output folder")
     elif latest_checkpoint(out) is not None:
         raise UserError(f"{out} holds an unfinished run; resume it (train --resume) or choose another output folder")
+    if sharding is not None:
+        sharding.barrier()  # every process has looked at `out` before the first one writes there
 
 
 def check_training_fits(backbone, cfg: TrainConfig) -> None:
@@ -387,6 +442,57 @@ def _autocast_for(backbone):
     return lambda: torch.autocast(device, dtype=dtype)  # trainable fp32 copies, bf16 compute
 
 
+def prepare_layers(backbone, cfg: TrainConfig):
+    """Freezes the model, quantizes its frozen base if asked (lean.py; a no-op on a base loaded quantized) and
+    picks stage 2's parameters: LoRA injected on Q/K/V, or the named weights. Returns (lora config or None,
+    {name: parameter}). The picked weights stay in the model's dtype until a stage trains them (`train_layers`)."""
+    from .lean import decoder_layers, quantize_layers, refuse_quantized
+
+    for p in backbone.model.parameters():
+        p.requires_grad_(False)
+    quantize_layers(decoder_layers(backbone), cfg.quantize)
+    if cfg.stages == "embedding":
+        return None, {}
+    if cfg.layers == "lora":
+        lora_config = add_lora(backbone, cfg)
+        return lora_config, lora_params(backbone)
+    return None, refuse_quantized(select_layer_params(backbone, cfg))
+
+
+def train_layers(layer_params: dict, train: bool) -> None:
+    """Layers join (stage 2, joint) as fp32 master weights, autocast computing in the model's dtype; stage 1
+    leaves them as they are, in the model's dtype, and frozen."""
+    for p in layer_params.values():
+        if train and p.dtype != torch.float32:
+            p.data = p.data.float()
+        p.requires_grad_(train)
+
+
+def train_step(backbone, placeholder: Placeholder, batches: list, cfg: TrainConfig, optimizer, trainable: list,
+               autocast, check_loss=None, sharding=None) -> torch.Tensor:
+    """One optimizer step. `batches`: [(ids, labels, weight)], the subject's pairs and (prior preservation) the
+    class's; each is split into `cfg.gradient_accumulation_steps` micro-batches whose gradients add up to the
+    whole batch's (every pair holds the same number of image tokens, so the micro-batch means weigh equally).
+    `check_loss(loss)` sees each micro-batch's loss before its backward pass. Gradients are released after
+    the step, so the next forward pass runs without them. In a sharded run (sharded.py) `batches` are this
+    process's share and [V]'s gradient is averaged over the processes. Returns the step's loss."""
+    total = 0.0
+    for ids, labels, weight in batches:
+        parts = list(zip(ids.chunk(cfg.gradient_accumulation_steps), labels.chunk(cfg.gradient_accumulation_steps)))
+        for part_ids, part_labels in parts:
+            loss = weight * batch_loss(backbone, placeholder, part_ids, part_labels, autocast) / len(parts)
+            if check_loss is not None:
+                check_loss(loss)
+            loss.backward()
+            total = total + loss.detach()
+    if sharding is not None:
+        sharding.average(placeholder.embedding.grad)
+    clip_gradients(trainable, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
 def stage_params(stage: str, placeholder: Placeholder, layer_params: dict, cfg: TrainConfig):
     """Optimizer parameter groups of a stage."""
     if stage == "embedding":
@@ -399,28 +505,25 @@ def stage_params(stage: str, placeholder: Placeholder, layer_params: dict, cfg: 
 
 
 def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None, source: dict | None = None) -> Path:
+          stop_after: int | None = None, source: dict | None = None, sharding: Sharding | None = None) -> Path:
     """Personalizes `backbone` on `images`; writes the adapter to `out` and returns it.
 
     stop_after: end the run (checkpoint written) after this many steps in all, as an interruption would.
-    source: what the caller wants recorded about where the run came from (the command: model, image folder)."""
+    source: what the caller wants recorded about where the run came from (the command: model, image folder).
+    sharding: this process's place in a run over several processes (`Sharding.from_environment()` under
+    `accelerate launch`; sharded.py); None trains alone, as each of DreamBench's processes does."""
     out = Path(out)
-    check_run(backbone, cfg, out, resume)  # every refusal comes before anything is written
+    check_run(backbone, cfg, out, resume, sharding)  # every refusal comes before anything is written
+    main = sharding is None or sharding.main  # the process that writes files
     generator = torch.Generator().manual_seed(cfg.seed)
     placeholder = Placeholder(backbone, cfg, generator)
     codes = reference_tokens(backbone, images, cfg.flip)
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume and main:
         atomic_write_json(out / RUN_FILE, {"config": asdict(cfg), "source": source or {}})
     prior = class_tokens(backbone, cfg, out) if cfg.prior_preservation else None
 
-    for p in backbone.model.parameters():
-        p.requires_grad_(False)
-    lora_config = add_lora(backbone, cfg) if cfg.layers == "lora" else None
-    layer_params = lora_params(backbone) if lora_config else select_layer_params(backbone, cfg)
-    for p in layer_params.values():
-        if p.dtype != torch.float32:
-            p.data = p.data.float()  # fp32 master weights; autocast computes in the model's dtype
+    lora_config, layer_params = prepare_layers(backbone, cfg)
 
     state = RunState()
     checkpoint = latest_checkpoint(out) if resume else None
@@ -430,47 +533,54 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(backbone)
     log_path = out / "log.jsonl"
-    _truncate_log(log_path, state.global_step)  # an interrupted run may have logged past its last checkpoint
+    if main:
+        _truncate_log(log_path, state.global_step)  # an interrupted run may have logged past its last checkpoint
     for stage_index, (stage, steps) in enumerate(cfg.plan):
         if stage_index < state.stage_index:
             continue
+        train_layers(layer_params, stage != "embedding")
+        if sharding is not None and stage != "embedding":
+            layer_params = sharding.shard(backbone, layer_params)
         trainable = [placeholder.embedding] + (list(layer_params.values()) if stage != "embedding" else [])
-        for p in layer_params.values():
-            p.requires_grad_(stage != "embedding")
-        optimizer = torch.optim.AdamW(stage_params(stage, placeholder, layer_params, cfg), weight_decay=0.0)
+        optimizer = make_optimizer(cfg.optimizer, stage_params(stage, placeholder, layer_params, cfg))
         if saved is not None and stage_index == state.stage_index and saved.get("optimizer"):
-            optimizer.load_state_dict(saved["optimizer"])
+            load_optimizer(optimizer, saved["optimizer"])
         saved = None
         if stage_index > state.stage_index:
             state.stage_index, state.step = stage_index, 0
         bar = _bar(steps, state.step, f"stage {stage_index + 1}/{len(cfg.plan)} ({stage})", progress)
         t0 = time.time()
         while state.step < steps:
-            ids, labels = make_batch(backbone, placeholder, cfg, codes, generator, subject=True)
-            loss = batch_loss(backbone, placeholder, ids, labels, autocast)
+            batches = [(*make_batch(backbone, placeholder, cfg, codes, generator, subject=True), 1.0)]
             if prior is not None:
-                ids, labels = make_batch(backbone, placeholder, cfg, prior, generator, subject=False)
-                loss = loss + cfg.prior_loss_weight * batch_loss(backbone, placeholder, ids, labels, autocast)
-            if not math.isfinite(loss.item()):
-                last = latest_checkpoint(out)
-                raise UserError(f"loss became {loss.item()} at step {state.global_step + 1}; stopped"
-                                + (f" (last good checkpoint: {last})" if last else "") + "; try a lower learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
+                batches.append((*make_batch(backbone, placeholder, cfg, prior, generator, subject=False),
+                                cfg.prior_loss_weight))
+            if sharding is not None:  # every process drew the same pairs; each trains on its share
+                batches = [(*sharding.local(ids, labels), weight) for ids, labels, weight in batches]
+
+            def check_loss(loss, step=state.global_step + 1):
+                if not math.isfinite(loss.item()):
+                    last = latest_checkpoint(out)
+                    raise UserError(f"loss became {loss.item()} at step {step}; stopped"
+                                    + (f" (last good checkpoint: {last})" if last else "") + "; try a lower learning rate")
+
+            loss = train_step(backbone, placeholder, batches, cfg, optimizer, trainable, autocast, check_loss, sharding)
+            if sharding is not None:
+                sharding.average(loss)  # the whole batch's loss, as one process would log it
             state.step += 1
             state.global_step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
             bar.update(1)
-            _append_log(log_path, {"step": state.global_step, "stage": stage, "loss": round(loss.item(), 5),
-                                   "seconds": round(time.time() - t0, 3)})
+            if main:
+                _append_log(log_path, {"step": state.global_step, "stage": stage, "loss": round(loss.item(), 5),
+                                       "seconds": round(time.time() - t0, 3)})
             t0 = time.time()
             finished = state.step == steps and stage_index == len(cfg.plan) - 1
             if state.global_step % cfg.checkpointing_steps == 0 or state.global_step == stop_after:
-                save_checkpoint(out, state, placeholder, layer_params, optimizer, generator)
+                save_checkpoint(out, state, placeholder, layer_params, optimizer, generator, sharding)
             if cfg.validation_prompts and state.global_step % cfg.validation_steps == 0 and not finished:
-                render_validation(backbone, placeholder, cfg, out / "validation" / f"step-{state.global_step}.png")
+                render_validation(backbone, placeholder, cfg, out / "validation" / f"step-{state.global_step}.png",
+                                  write=main)
             if state.global_step == stop_after and not finished:
                 bar.close()
                 backbone.model.eval()
@@ -478,10 +588,13 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
         bar.close()
 
     backbone.model.eval()  # checkpointing put layers in training mode; sampling wants them as they were
-    write_loss_plot(log_path, out / "loss.png")
-    save_final_adapter(backbone, placeholder, layer_params, lora_config, cfg, out)
+    if main:
+        write_loss_plot(log_path, out / "loss.png")
+    save_final_adapter(backbone, placeholder, layer_params, lora_config, cfg, out, write=main)
     if cfg.validation_prompts:
-        render_validation(backbone, placeholder, cfg, out / "validation" / "final.png")
+        render_validation(backbone, placeholder, cfg, out / "validation" / "final.png", write=main)
+    if sharding is not None:
+        sharding.barrier()  # the adapter is whole on disk before any process returns
     return out
 
 
@@ -504,26 +617,34 @@ def _append_log(path: Path, record: dict) -> None:
 
 # --- checkpoints --------------------------------------------------------------------------------------
 
-def save_checkpoint(out: Path, state: RunState, placeholder: Placeholder, layer_params: dict, optimizer, generator):
+def save_checkpoint(out: Path, state: RunState, placeholder: Placeholder, layer_params: dict, optimizer, generator,
+                    sharding=None):
     """checkpoints/step-N/: trainable tensors, optimizer and RNG state. The folder appears complete or not
-    at all (written beside, then renamed)."""
+    at all (written beside, then renamed). A sharded run gathers whole tensors (every process takes part)
+    and its first process writes them: the same files as a single-process run."""
     import os
     import shutil
 
     from safetensors.torch import save_file
 
+    tensors = {"placeholder": placeholder.embedding.detach().cpu().clone(),  # layers: once they train
+               **{f"layer.{k}": full(v.detach()).cpu().clone() for k, v in layer_params.items() if v.requires_grad}}
+    optimizer_state = whole_optimizer_state(optimizer)
+    if sharding is not None and not sharding.main:
+        sharding.barrier()
+        return
     final = out / "checkpoints" / f"step-{state.global_step}"
     tmp = out / "checkpoints" / f".step-{state.global_step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {"placeholder": placeholder.embedding.detach().cpu().clone(),
-               **{f"layer.{k}": v.detach().cpu().clone() for k, v in layer_params.items()}}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+    torch.save({"optimizer": optimizer_state, "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
     atomic_write_json(tmp / "progress.json", asdict(state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    if sharding is not None:
+        sharding.barrier()
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -538,7 +659,9 @@ def load_checkpoint(folder: Path, placeholder: Placeholder, layer_params: dict, 
     with torch.no_grad():
         placeholder.embedding.copy_(tensors["placeholder"])
         for k, v in layer_params.items():
-            v.copy_(tensors[f"layer.{k}"])
+            if f"layer.{k}" in tensors:  # saved while training: fp32 masters, which stay fp32
+                train_layers({k: v}, True)
+                v.copy_(tensors[f"layer.{k}"])
     saved = torch.load(folder / "state.pt", weights_only=True)
     generator.set_state(saved["generator"])
     torch.set_rng_state(saved["torch_rng"])
@@ -549,7 +672,8 @@ def load_checkpoint(folder: Path, placeholder: Placeholder, layer_params: dict, 
 
 # --- outputs ----------------------------------------------------------------------------------------
 
-def save_final_adapter(backbone, placeholder: Placeholder, layer_params: dict, lora_config, cfg: TrainConfig, out: Path):
+def save_final_adapter(backbone, placeholder: Placeholder, layer_params: dict, lora_config, cfg: TrainConfig, out: Path,
+                       write: bool = True):
     trained_layers = "layers" in STAGE_PLANS[cfg.stages] or cfg.stages == "joint"
     config = {
         "backbone": backbone.name, "base_fingerprint": adapter_files.base_fingerprint(backbone.folder),
@@ -558,15 +682,18 @@ def save_final_adapter(backbone, placeholder: Placeholder, layer_params: dict, l
         **{k: v for k, v in asdict(cfg).items() if k not in ("class_name", "placeholder")},
         "sampling": sampling_config(backbone, cfg).distribution(),
     }
-    layer_tensors = {k: v.to(next(backbone.model.parameters()).dtype) for k, v in layer_params.items()} \
-        if trained_layers and lora_config is None else None
-    lora = (lora_config, dict(layer_params)) if trained_layers and lora_config is not None else None
-    adapter_files.save_adapter(out, config, placeholder.embedding, layer_tensors, lora)
+    dtype = backbone.input_embeddings().weight.dtype
+    whole = {k: full(v.detach()) for k, v in layer_params.items()}  # gathered if sharded (every process)
+    layer_tensors = {k: v.to(dtype) for k, v in whole.items()} if trained_layers and lora_config is None else None
+    lora = (lora_config, whole) if trained_layers and lora_config is not None else None
+    if write:
+        adapter_files.save_adapter(out, config, placeholder.embedding, layer_tensors, lora)
 
 
 @torch.no_grad()
-def render_validation(backbone, placeholder: Placeholder, cfg: TrainConfig, path: Path) -> None:
-    """A small grid of the validation prompts with the current [V], drawn without touching training state."""
+def render_validation(backbone, placeholder: Placeholder, cfg: TrainConfig, path: Path, write: bool = True) -> None:
+    """A small grid of the validation prompts with the current [V], drawn without touching training state
+    (in a sharded run every process draws, in step, and the first writes)."""
     from ..images import make_grid
     from ..sampling import draw
 
@@ -583,8 +710,9 @@ def render_validation(backbone, placeholder: Placeholder, cfg: TrainConfig, path
         table[placeholder.token_id] = original
         for module in training:
             module.train()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_image(make_grid(images), path)
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_image(make_grid(images), path)
 
 
 def write_loss_plot(log_path: Path, png: Path) -> None:

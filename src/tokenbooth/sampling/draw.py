@@ -56,5 +56,11 @@ def draw(backbone, prompts: list[str], cfg: SamplingConfig, progress: bool = Fal
     stats = SJDStats() if cfg.sampler == "sjd" else SamplingStats()
     t0 = time.time()
     codes = draw_codes(backbone, prompts, cfg, progress=progress, stats=stats)
-    images = tensor_to_pil(backbone.decode_images(codes))
+    images = tensor_to_pil(decode_each(backbone, codes))
     return Drawing(codes=codes, images=images, stats=stats, seconds=time.time() - t0)
+
+
+def decode_each(backbone, codes: torch.Tensor) -> torch.Tensor:
+    """Pixels one image at a time: the VQ decoder's full-resolution fp32 activations for a batch of 768-px
+    images would outgrow the sampler's own memory (about 1.2 GB per feature map for 4 images)."""
+    return torch.cat([backbone.decode_images(c[None]) for c in codes])

@@ -1,0 +1,150 @@
+"""Counting the bytes a PyTorch program keeps alive, without running it on real data.
+
+`LiveBytes` is a TorchDispatchMode: every tensor an operator returns is looked at, its storage counted once
+while it lives (a weak reference says when it dies), and the highest total kept. Under torch's
+`FakeTensorMode` the operators allocate nothing and compute nothing, but they return tensors with the real
+shapes, dtypes and storages, including every tensor autograd saves for the backward pass, the optimizer's
+state and the intermediate buffers of each kernel's Python-visible decomposition. So the peak is what a real
+run allocates through PyTorch's allocator (what `torch.cuda.max_memory_allocated` reports), minus what
+kernels allocate privately (cuBLAS workspaces) and the allocator's own slack: see `ALLOCATOR_RESERVE`.
+
+`fake_run()` puts both modes on the stack; everything built inside (a 7B model included) costs no memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+
+# Convolution kernels convert layouts in private buffers the dispatcher never sees: oneDNN (CPU) holds a copy
+# of the output in its blocked layout, cuDNN (GPU) a workspace of up to about the output's size. The planner
+# counts one output-sized buffer alive during each convolution. (Only the VQ image tokenizers convolve.)
+CONVOLUTIONS = ("convolution", "convolution_backward")
+
+# What a GPU needs beyond the tensors: the CUDA context (~0.3-0.5 GB), cuBLAS/cuDNN workspaces and the caching
+# allocator's fragmentation. A plan "fits" a budget when its tensor peak plus this reserve does.
+ALLOCATOR_RESERVE = 1.0e9
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storage alive now (`now`) and at most since the last `reset_peak()` (`peak`), and the
+    floating-point operations of the matrix products since then (`flops`, torch's FLOP formulas; torch's
+    FlopCounterMode itself cannot be stacked here: its module tracking keeps tensors alive)."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.now = 0
+        self.peak = 0
+        self.flops = 0
+        self._sizes: dict[int, int] = {}
+        self._formulas = FlopCounterMode(display=False).flop_registry
+
+    def reset_peak(self) -> None:
+        self.peak = self.now
+        self.flops = 0
+
+    def _count(self, t: torch.Tensor) -> None:
+        if _is_wrapper(t):
+            return  # a quantized weight's wrapper: its inner tensors were counted when they were made
+        storage = t.untyped_storage()
+        key = id(storage)
+        if key in self._sizes:
+            return
+        size = storage.nbytes()
+        self._sizes[key] = size
+        self.now += size
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.now -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tree_map_only(torch.Tensor, self._count, out)
+        if func.overloadpacket.__name__ in CONVOLUTIONS and isinstance(out, torch.Tensor):
+            self.peak = max(self.peak, self.now + out.untyped_storage().nbytes())
+        formula = self._formulas.get(func.overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def _is_wrapper(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return type(t) not in (torch.Tensor, torch.nn.Parameter, FakeTensor) and not isinstance(t, FakeTensor) \
+        and hasattr(t, "__tensor_flatten__")
+
+
+@contextlib.contextmanager
+def fake_run():
+    """Fake tensors with live-byte accounting: `with fake_run() as live: ...; live.peak`. Real tensors met
+    inside (a small constant table some library builds eagerly) are taken as fake copies."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    live = LiveBytes()
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    swap = torch.utils.swap_tensors
+
+    def swap_fake(t1, t2):
+        # Module.to()/.float() swap a fake parameter for its converted copy, which torch refuses while the
+        # fake mode's memo holds weak references to either; the memo is a cache, so it is dropped first.
+        fake.fake_tensor_converter.tensor_memo.clear()
+        swap(t1, t2)
+
+    torch.utils.swap_tensors = swap_fake
+    try:
+        with fake, live:
+            yield live
+    finally:
+        torch.utils.swap_tensors = swap
+
+
+@contextlib.contextmanager
+def outside_fake():
+    """Runs its body with real tensors (e.g. a library's constant tables built from Python data), in the
+    middle of a `fake_run`."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        yield
+
+
+def measured_peak(setup, body) -> int:
+    """Runs `body(setup())` for real on the CPU under torch's profiler and returns the most bytes the CPU
+    allocator held during `body`, counting from before `setup` (so what setup left alive is included). This is
+    the independent measurement the planner is validated against (benchmarks/memory.py): the allocator's own
+    events, kernels' private buffers included."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        state = setup()
+        with record_function("tokenbooth-phase"):
+            body(state)
+    allocations, starts = [], []
+
+    def walk(node):
+        if node.tag == _EventType.Allocation:
+            allocations.append((node.start_time_ns, node.extra_fields.alloc_size))
+        elif node.name == "tokenbooth-phase":
+            starts.append(node.start_time_ns)
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    now, peak = 0, 0
+    for time, size in sorted(allocations):
+        now += size
+        if time >= starts[0]:
+            peak = max(peak, now)
+    return peak

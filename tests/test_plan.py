@@ -1,0 +1,125 @@
+"""`tokenbooth plan`: fake-tensor peaks against real CPU peaks, the published models' shipped configurations,
+the command's table, JSON and bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from conftest import run_cli
+
+from tokenbooth.personalize.recipe import TrainConfig
+from tokenbooth.plan import RunSettings, measure, parse_size, run_phase
+from tokenbooth.plan.blueprints import blueprint
+from tokenbooth.plan.phases import quantize_base
+from tokenbooth.plan.tracker import fake_run, measured_peak
+from tokenbooth.sampling import SamplingConfig
+
+
+def settings(**train) -> RunSettings:
+    return RunSettings(train=TrainConfig.for_family("mini", class_name="dog", **{"batch_size": 2, **train}),
+                       sample=SamplingConfig.for_family("mini", cfg_scale=2.0), num_images=2)
+
+
+@pytest.mark.parametrize("phase,kw", [("stage1", {}), ("stage2", {"layers": "lora", "quantize": "nf4"}),
+                                      ("stage2", {"gradient_checkpointing": True}), ("sampling-sjd", {})])
+def test_predicted_peak_is_within_15_percent_of_the_real_cpu_peak(tiny_model_dir, phase, kw):
+    s = settings(**kw)
+    predicted = measure(str(tiny_model_dir), phase, s).peak_bytes
+
+    def setup():
+        backbone = blueprint(str(tiny_model_dir))
+        quantize_base(backbone, s)
+        return backbone
+
+    measured = measured_peak(setup, lambda backbone: run_phase(backbone, phase, s))
+    assert abs(predicted / measured - 1) <= 0.15, (predicted, measured)
+
+
+def test_published_models_build_without_memory_at_their_real_size():
+    counts = {"lumina-mgpt-7b-768": 7_043_090_432, "janus-pro-1b": 1_866_921_611, "janus-pro-7b": 6_988_342_923}
+    with fake_run() as live:
+        for name, params in counts.items():
+            backbone = blueprint(name)
+            assert sum(p.numel() for p in backbone.model.parameters()) == params
+            assert backbone.model.config.get_text_config(decoder=True).num_hidden_layers in (24, 30, 32)
+        assert blueprint("lumina-mgpt-7b-1024").layout.rows == 64 and blueprint("janus-pro-7b").layout.rows == 24
+    assert live.peak > 14e9  # counted as if allocated, and nothing was
+
+
+def test_fewer_bytes_with_each_lean_option():
+    # Lumina-mGPT narrowed to 1024 wide and 2 layers, at 256 px, on fake tensors: weights that matter, in bf16
+    narrow = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=8)
+
+    def peak(**kw):
+        return measure("lumina-mgpt-7b-768", "stage2", settings(**kw), resolution=256, overrides=narrow).peak_bytes
+
+    assert peak(layers="lora", quantize="nf4") < peak(layers="lora", quantize="int8") < peak(layers="lora")
+    assert peak(batch_size=8, gradient_accumulation_steps=4) < peak(batch_size=8)
+    assert peak(optimizer="adamw8bit") < peak()
+
+
+def test_plan_json_reports_phases_peak_and_fit(capsys, tiny_model_dir):
+    code, out, err = run_cli(capsys, "plan", "--model", tiny_model_dir, "--json", "--gpu-memory", "80GB",
+                             "--batch-size", "2", "-n", "1")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert set(plan["phases"]) == {"stage1", "stage2", "sampling-cfg", "sampling-sjd"}
+    assert plan["peak_bytes"] == max(p["peak_bytes"] for p in plan["phases"].values()) and plan["fits"] is True
+    assert plan["fitting"] and all(f["peak_bytes"] > 0 for f in plan["fitting"])
+
+
+def test_plan_table_for_a_janus_config(capsys, tmp_path):
+    folder = tmp_path / "janus-tiny"
+    folder.mkdir()
+    config = json.loads((blueprint_configs() / "janus-pro-1b.json").read_text())
+    config["text_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=2, vocab_size=512, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    config["vision_config"].update(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, projection_dim=64,
+                                   image_size=64)
+    config["vq_config"].update(base_channels=32, num_res_blocks=1, projection_dim=64, image_token_embed_dim=64,
+                               num_embeddings=64)
+    (folder / "config.json").write_text(json.dumps(config))
+    code, out, err = run_cli(capsys, "plan", "--model", folder, "--batch-size", "1", "--stages", "embedding")
+    assert code == 0, err
+    assert "stage1" in out and "sampling-cfg" in out and "stage2" not in out
+
+
+def blueprint_configs():
+    from tokenbooth.assets import CONFIGS_DIR
+
+    return CONFIGS_DIR
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--gpu-memory", "24 bananas"], "--gpu-memory must be a size like 24GB"),
+    (["--gpu-memory", "24"], "--gpu-memory needs a unit"),
+    (["--model", "gpt-7"], "unknown model 'gpt-7'"),
+    (["--gpu-memory", "1MB"], "nothing fits 1MB"),
+    (["--gpu-memory", "1.001GB"], "nothing fits 1.001GB: training with"),
+    (["--quantize", "nf4"], "--layers qkv trains the Q/K/V weights themselves"),
+    (["--quantize", "fp3"], "--quantize must be one of none, int8, nf4"),
+    (["--gradient-accumulation-steps", "3"], "--gradient-accumulation-steps 3 must divide --batch-size 2"),
+])
+def test_bad_input_is_one_line(capsys, tiny_model_dir, argv, message):
+    code, out, err = run_cli(capsys, "plan", "--model", tiny_model_dir, "--batch-size", "2", *argv)
+    assert code != 0 and one_error_line(err).startswith("tokenbooth: error: ") and message in one_error_line(err)
+
+
+def one_error_line(err: str) -> str:
+    """The command's error, one line (libraries' deprecation warnings may precede it on stderr)."""
+    lines = [line for line in err.splitlines() if line.startswith("tokenbooth:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_quantize_without_its_library_is_one_line(capsys, tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # an import that fails, as on a platform without it
+    code, out, err = run_cli(capsys, "plan", "--model", tiny_model_dir, "--quantize", "nf4", "--layers", "lora")
+    assert code == 1 and "--quantize nf4 needs torchao" in one_error_line(err)
+
+
+def test_parse_size_units():
+    assert parse_size("24GB") == 24e9 and parse_size("80GiB") == 80 * 2**30 and parse_size("16000 MB") == 16e9
