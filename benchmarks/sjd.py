@@ -40,6 +40,17 @@ from tokenbooth.toyworld import caption, pretraining_scene
 RESULTS = Path(__file__).resolve().parent / "results"
 FIRST_UNSEEN_SCENE = 1_000_000  # mini pretrains on scenes 0..59,999: prompts from far beyond
 GOALS = {"step_compression": 3.0, "latency_speedup": 1.5, "batch4_speedup": 1.3}  # issue 12
+WHY_MISSED = {  # what stands in the way of a goal, written into the results when it is missed
+    "step_compression": "acceptance is what mini's distributions allow: the first draft after a stop was drawn "
+                        "with another token before it, so about half the passes fix one token; a longer window or "
+                        "a coupling adds a little (see the variants)",
+    "latency_speedup": "on a CPU a pass costs more with every token fed; the window's tokens are not free",
+    "batch4_speedup": "at batch 4 a CPU pass is compute-bound: 8 rows x (L + 1) tokens cost about 3x a plain "
+                      "8-token pass at L = 16, and SJD feeds (L + 1) / tokens-per-pass = 5x plain's tokens to fix "
+                      "the same image; per-image windows keep images from waiting for each other, but cannot make "
+                      "the rejected drafts' compute free. On a GPU, where a 17-token pass costs about a 1-token one, "
+                      "the step compression would be the speedup; the smallest-overhead CPU setting is L = 8",
+}
 
 
 def prompts(n: int) -> list[str]:
@@ -138,7 +149,8 @@ def run(args) -> dict:
         "paired_speedups": {"batch1": d["paired_speedup_b1"], "batch4": d["paired_speedup_b4"],
                             "what": "median over chunks and repeats of plain / SJD on the same prompts, timed back "
                                     "to back: less sensitive to other jobs than the ratio of medians"},
-        "goals": {k: {"target": v, "reached": round(d[k], 3), "met": d[k] >= v} for k, v in GOALS.items()},
+        "goals": {k: {"target": v, "reached": round(d[k], 3), "met": d[k] >= v,
+                      **({} if d[k] >= v else {"why_not": WHY_MISSED[k]})} for k, v in GOALS.items()},
         "best_batch1": max(sjd_rows, key=lambda n: sjd_rows[n]["latency_speedup"]),
         "best_batch4": max(sjd_rows, key=lambda n: sjd_rows[n]["batch4_speedup"]),
         "variants": rows,
