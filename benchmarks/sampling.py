@@ -27,6 +27,9 @@ from tokenbooth.io import atomic_write_json
 from tokenbooth.sampling import SamplingConfig, SamplingStats, draw_codes
 
 RESULTS = Path(__file__).parent / "results"
+BATCHED_CFG_GOAL = 1.6  # issue 12
+WHY_NOT = ("two half-size passes cost less than twice one pass: mini's per-pass cost is only partly fixed "
+           "overhead (on 2 cores the 8-row matrix products already cost more than the 4-row ones)")
 PROMPT = "a red robot on the beach, on the left"
 
 
@@ -65,13 +68,16 @@ def main() -> None:
             passes[name] = stats.forward_passes
     median = {name: statistics.median(r) for name, r in runs.items()}
     base = median["kv cache + batched CFG"]
+    batched = median["separate CFG passes"] / base
     tokens = args.images * backbone.layout.body_length
     result = {
         "model": args.model, "images_per_batch": args.images, "tokens_per_image": backbone.layout.body_length,
         "seconds": median, "seconds_runs": runs, "forward_passes": passes,
         "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "kv_cache_speedup": median["no KV cache"] / base,
-        "batched_cfg_speedup": median["separate CFG passes"] / base,
+        "batched_cfg_speedup": batched,
+        "batched_cfg_goal": {"target": BATCHED_CFG_GOAL, "met": batched >= BATCHED_CFG_GOAL,
+                             **({} if batched >= BATCHED_CFG_GOAL else {"why_not": WHY_NOT})},
         "tokens_per_second": tokens / base,
         "machine": {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()},
     }

@@ -40,6 +40,17 @@ from tokenbooth.toyworld import caption, pretraining_scene
 RESULTS = Path(__file__).resolve().parent / "results"
 FIRST_UNSEEN_SCENE = 1_000_000  # mini pretrains on scenes 0..59,999: prompts from far beyond
 GOALS = {"step_compression": 3.0, "latency_speedup": 1.5, "batch4_speedup": 1.3}  # issue 12
+WHY_MISSED = {  # what stands in the way of a goal, written into the results when it is missed
+    "step_compression": "acceptance is what mini's distributions allow: the first draft after a stop was drawn "
+                        "with another token before it, so about half the passes fix one token; a longer window or "
+                        "a coupling adds a little (see the variants)",
+    "latency_speedup": "on a CPU a pass costs more with every token fed; the window's tokens are not free",
+    "batch4_speedup": "at batch 4 a CPU pass is compute-bound: 8 rows x (L + 1) tokens cost about 3x a plain "
+                      "8-token pass at L = 16, and SJD feeds (L + 1) / tokens-per-pass = 5x plain's tokens to fix "
+                      "the same image; per-image windows keep images from waiting for each other, but cannot make "
+                      "the rejected drafts' compute free. On a GPU, where a 17-token pass costs about a 1-token one, "
+                      "the step compression would be the speedup; the smallest-overhead CPU setting is L = 8",
+}
 
 
 def prompts(n: int) -> list[str]:
@@ -66,21 +77,29 @@ def name_of_default(default: SamplingConfig) -> str:
 
 
 def measure(backbone, texts: list[str], configs: dict[str, SamplingConfig], batch: int, repeats: int, seed: int):
-    """Per variant: median seconds per image over repeats, and the (deterministic) statistics of one run."""
+    """Per variant: median seconds per image over repeats, every run's, the median over chunks and repeats of
+    plain's time / the variant's on the same chunk (timed back to back, so robust to a slow spell of a shared
+    machine), and the (deterministic) statistics of one run."""
     seconds = {name: [] for name in configs}
+    paired = {name: [] for name in configs}
     stats = {}
     for _ in range(repeats):
         run_seconds = dict.fromkeys(configs, 0.0)
         run_stats = {name: SJDStats() if cfg.sampler == "sjd" else SamplingStats() for name, cfg in configs.items()}
         for i in range(0, len(texts), batch):
+            chunk = {}
             for name, cfg in configs.items():  # interleaved: every variant on this chunk, then the next chunk
                 t0 = time.perf_counter()
                 draw_codes(backbone, texts[i:i + batch], replace(cfg, seed=seed + i), stats=run_stats[name])
-                run_seconds[name] += time.perf_counter() - t0
+                chunk[name] = time.perf_counter() - t0
+                run_seconds[name] += chunk[name]
+            for name in configs:
+                paired[name].append(chunk["plain"] / chunk[name])
         for name in configs:
             seconds[name].append(run_seconds[name] / len(texts))
         stats = run_stats
-    return {name: statistics.median(s) for name, s in seconds.items()}, seconds, stats
+    return ({name: statistics.median(s) for name, s in seconds.items()}, seconds,
+            {name: statistics.median(p) for name, p in paired.items()}, stats)
 
 
 def run(args) -> dict:
@@ -97,13 +116,14 @@ def run(args) -> dict:
 
     rows = {name: {"sampler": cfg.sampler} for name, cfg in configs.items()}
     for batch, key in ((1, "b1"), (4, "b4")):
-        median, runs, stats = measure(backbone, texts, configs, batch, args.repeats, args.seed)
+        median, runs, paired, stats = measure(backbone, texts, configs, batch, args.repeats, args.seed)
         for name, cfg in configs.items():
             r = rows[name]
             if cfg.sampler == "sjd":
                 r.update(window=cfg.sjd_window, init=cfg.sjd_init, coupling=cfg.sjd_coupling)
             r[f"seconds_per_image_{key}"] = median[name]
             r[f"seconds_per_image_{key}_runs"] = runs[name]
+            r[f"paired_speedup_{key}"] = paired[name]
             r[f"passes_per_{'image' if batch == 1 else 'batch4'}"] = stats[name].forward_passes / (len(texts) / batch)
             if batch == 1 and isinstance(stats[name], SJDStats):
                 r["mean_tokens_per_pass"] = stats[name].mean_tokens_per_pass
@@ -126,7 +146,11 @@ def run(args) -> dict:
         "default_setting": {"window": default.sjd_window, "init": default.sjd_init, "coupling": default.sjd_coupling},
         "step_compression": d["step_compression"], "latency_speedup": d["latency_speedup"],
         "batch4_speedup": d["batch4_speedup"], "mean_tokens_per_pass": d["mean_tokens_per_pass"],
-        "goals": {k: {"target": v, "reached": round(d[k], 3), "met": d[k] >= v} for k, v in GOALS.items()},
+        "paired_speedups": {"batch1": d["paired_speedup_b1"], "batch4": d["paired_speedup_b4"],
+                            "what": "median over chunks and repeats of plain / SJD on the same prompts, timed back "
+                                    "to back: less sensitive to other jobs than the ratio of medians"},
+        "goals": {k: {"target": v, "reached": round(d[k], 3), "met": d[k] >= v,
+                      **({} if d[k] >= v else {"why_not": WHY_MISSED[k]})} for k, v in GOALS.items()},
         "best_batch1": max(sjd_rows, key=lambda n: sjd_rows[n]["latency_speedup"]),
         "best_batch4": max(sjd_rows, key=lambda n: sjd_rows[n]["batch4_speedup"]),
         "variants": rows,
@@ -136,12 +160,13 @@ def run(args) -> dict:
 
 def table(result: dict) -> str:
     head = (f"{'variant':<26}{'passes/img':>11}{'tok/pass':>9}{'ms/img b1':>10}{'ms/img b4':>10}{'steps':>7}"
-            f"{'b1':>7}{'b4':>7}")
+            f"{'b1':>7}{'b4':>7}{'b1 pair':>8}{'b4 pair':>8}")
     lines = [head, "-" * len(head)]
     for name, r in result["variants"].items():
         lines.append(f"{name:<26}{r['passes_per_image']:>11.1f}{r.get('mean_tokens_per_pass', 1.0):>9.2f}"
                      f"{1000 * r['seconds_per_image_b1']:>10.0f}{1000 * r['seconds_per_image_b4']:>10.0f}"
-                     f"{r['step_compression']:>6.2f}x{r['latency_speedup']:>6.2f}x{r['batch4_speedup']:>6.2f}x")
+                     f"{r['step_compression']:>6.2f}x{r['latency_speedup']:>6.2f}x{r['batch4_speedup']:>6.2f}x"
+                     f"{r['paired_speedup_b1']:>7.2f}x{r['paired_speedup_b4']:>7.2f}x")
     return "\n".join(lines)
 
 

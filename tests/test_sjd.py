@@ -212,7 +212,8 @@ def test_greedy_sjd_is_greedy_plain_sampling_even_with_padded_rows(tiny_backbone
                          image_top_k=1)  # p is one-hot: any wrong conditional or stale cache shows
     prompts = ["a red robot on the beach, on the left", "a cup"]
     assert tiny_backbone.layout.body_length == 73
-    assert torch.equal(sample_image_body_sjd(tiny_backbone, prompts, cfg), sample_image_body(tiny_backbone, prompts, cfg))
+    assert torch.equal(sample_image_body_sjd(tiny_backbone, prompts, cfg),
+                       sample_image_body(tiny_backbone, prompts, cfg))
 
 
 def test_greedy_sjd_is_greedy_plain_sampling_on_janus_too(tmp_path):

@@ -1,5 +1,6 @@
 """Coupled re-drafting for speculative Jacobi decoding (So et al. 2025, "MC-SJD: Maximal Coupling Speculative
-Jacobi Decoding", arXiv 2510.24211; the authors' code: github.com/junhyukso/SCD, scheduler/*_SCDMC.py and *_GS.py).
+Jacobi Decoding", arXiv 2510.24211, renamed "Speculative Coupled Decoding" in v2; the authors' code:
+github.com/junhyukso/SCD, lumina1/scheduler/jacobi_iteration_lumina_mgpt_SCDMC.py and _GS.py).
 
 After every SJD pass, each draft that was not verified (it lies past the pass's stopping point) gets a new
 draft distribution q_new: this pass's p at its position. Plain SJD draws the new draft independently of the
@@ -34,8 +35,9 @@ it is a function of randomness at positions before k, of q's at positions <= k, 
            position k's drafts, which only positions after k ever see (the model is causal, the walk stops at
            the first rejection, and residual and bonus tokens use their own draws). So E_k is independent of
            G_k, and the Gumbel-max trick gives x ~ q_k.
-In every case the acceptance uniforms are fresh each pass; reusing them (or the old draft's acceptance
-outcome) would break the argument, and tests/test_sjd.py shows the broken variants failing.
+In every case the acceptance uniforms are fresh each pass. tests/test_coupling.py checks each coupling's draft
+law, and tests/test_sjd.py the whole sampler's image law for every coupling; both catch two plausible-looking
+broken couplings (a miss re-drawn from q_new instead of the residual; the old draft kept while still possible).
 """
 
 from __future__ import annotations

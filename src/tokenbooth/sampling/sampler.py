@@ -126,7 +126,7 @@ class RaggedBatch:
         ids = self.seq.gather(1, columns.clamp(max=self.seq.shape[1] - 1))
         keys = torch.arange(int(start.max()) + width)
         visible = keys[None, None, :] <= columns[:, :, None]  # causal, each row at its own offset
-        mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, torch.finfo(self.dtype).min)
+        mask = torch.where(visible, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
         self.cache.prepare(start, width)
         hidden, _ = self.backbone.hidden_states(ids, attention_mask=mask[:, None], position_ids=columns,
                                                 cache=self.cache)
@@ -139,8 +139,8 @@ class RaggedBatch:
         positions first + 1 .. first + slots: (rows, slots, K)."""
         first, body_ids = self.rows(first), self.rows(body_ids)
         columns = self.prefix[:, None] + first[:, None] + torch.arange(slots)
-        inside = columns >= self.prefix[:, None]
-        self.seq[inside.nonzero(as_tuple=True)[0], columns[inside]] = body_ids[inside]
+        inside = columns >= self.prefix[:, None]  # position -1, the header's last token, stays as it is
+        self.seq.scatter_(1, columns, torch.where(inside, body_ids, self.seq.gather(1, columns)))
         hidden = self.feed(columns[:, -1] + 1)
         start = self.cache.lengths if self.kv_cache else torch.zeros_like(self.cache.lengths)
         at = (columns - start[:, None]).to(hidden.device)

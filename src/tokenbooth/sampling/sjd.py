@@ -223,7 +223,9 @@ def sample_image_body_sjd(backbone, prompts: list[str], cfg: SamplingConfig, pro
     bar = _progress(n * bl, progress)
     while len(alive):
         fed = window.last[:, None] + torch.arange(L + 1)  # the last fixed token and the drafts after it
-        logits = torch.cat([g.window_logits(s.ids(window.codes, fed), window.last, L + 1) for g in groups])
+        ids = s.ids(window.codes, fed)
+        logits = torch.cat([g.window_logits(ids, window.last, L + 1) for g in groups]) if len(groups) > 1 else \
+            groups[0].window_logits(ids, window.last, L + 1)
         p = s.distributions(logits, len(alive), cfg)
         before = window.last
         accepted = s.verify(window, p)
