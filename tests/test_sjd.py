@@ -5,11 +5,14 @@ import random
 
 import pytest
 from conftest import run_cli as run
+from distributions import chi_square_p_value
 import torch
 
 from tokenbooth.errors import UserError
 from tokenbooth.sampling import SamplingConfig, SamplingStats, image_token_distribution
 from tokenbooth.sampling.sampler import sample_image_body
+from tokenbooth.sampling.coupling import COUPLINGS
+from tokenbooth.sampling.processors import sample
 from tokenbooth.sampling.sjd import SJDStats, sample_image_body_sjd
 
 
@@ -72,35 +75,15 @@ def exact_image_law(backbone, prompt: str, cfg: SamplingConfig) -> torch.Tensor:
     return law
 
 
-def chi_square_p_value(counts: torch.Tensor, law: torch.Tensor, min_expected: float = 5.0) -> float:
-    """Goodness of fit of counts to law; cells expected below `min_expected` are pooled (and the pool joins
-    the smallest other cell if it is still that small). An impossible outcome observed gives 0."""
-    counts, law = counts.double(), law.double()
-    if counts[law == 0].sum() > 0:
-        return 0.0
-    expected = law * counts.sum()
-    small = expected < min_expected
-    obs, exp = list(counts[~small]), list(expected[~small])
-    pool_obs, pool_exp = counts[small].sum(), expected[small].sum()
-    if pool_exp > 0:
-        if pool_exp < min_expected:
-            i = min(range(len(exp)), key=lambda k: exp[k])
-            obs[i], exp[i] = obs[i] + pool_obs, exp[i] + pool_exp
-        else:
-            obs.append(pool_obs)
-            exp.append(pool_exp)
-    if len(obs) < 2:
-        return 1.0  # one possible outcome, and only it was seen
-    obs, exp = torch.stack(obs), torch.stack(exp)
-    stat = ((obs - exp) ** 2 / exp).sum()
-    return float(torch.special.gammaincc(torch.tensor((len(obs) - 1) / 2, dtype=torch.float64), stat / 2))
+def sjd(**settings) -> dict:
+    return dict(sampler="sjd", **settings)
 
 
 def draw_codes(backbone, sampler, cfg: SamplingConfig, images: int, chunk: int = 4000, **kw) -> torch.Tensor:
     """`images` draws of one prompt, in batches of `chunk` with their own seeds: (images, cells) codes."""
     out = []
     for i in range(images // chunk):
-        cfg_i = SamplingConfig(**{**cfg.to_dict(), "seed": cfg.seed * 1000 + i})
+        cfg_i = SamplingConfig.for_family("mini", **{**cfg.to_dict(), "seed": cfg.seed * 1000 + i})
         body = sampler(backbone, [PROMPT] * chunk, cfg_i, **kw)
         out.append(backbone.layout.codes_from_body(body).flatten(1))
     return torch.cat(out)
@@ -127,24 +110,29 @@ def total_variation(codes: torch.Tensor, law: torch.Tensor, K: int) -> float:
 
 PROMPT = "a red robot"
 IMAGES = 12_000
-# Each sampler below is checked 5 times (the joint law of the 4 cells and each cell's marginal), 25 checks in
-# all; each must have p > ALPHA, so a correct sampler fails the file with probability below 25 * ALPHA = 0.25%.
-ALPHA = 1e-4
-GUIDED = SamplingConfig.for_family("mini", cfg_scale=3.0, image_top_k=3)  # top-k 3 of 4: zero-probability drafts get rejected
-NUCLEUS = SamplingConfig.for_family("mini", cfg_scale=1.0, top_p=0.9, temperature=1.2)
+# Each sampler below is checked 5 times (the joint law of the 4 cells and each cell's marginal), 75 checks in
+# all; each must have p > ALPHA, so a correct sampler fails the file with probability below 75 * ALPHA = 0.4%.
+ALPHA = 5e-5
+GUIDED = dict(cfg_scale=3.0, image_top_k=3)  # top-k 3 of 4: zero-probability drafts get rejected
+NUCLEUS = dict(cfg_scale=1.0, top_p=0.9, temperature=1.2)
+SETTINGS = {  # every coupling under CFG, top-k, top-p, temperature, both inits, one window each
+    "guided-random-L2": dict(**GUIDED, sjd_window=2, sjd_init="random"),
+    "guided-above-L3": dict(**GUIDED, sjd_window=3, sjd_init="above"),
+    "nucleus-random-L7": dict(**NUCLEUS, sjd_window=7, sjd_init="random"),
+    "nucleus-above-L4": dict(**NUCLEUS, sjd_window=4, sjd_init="above"),
+}
+CASES = [("plain", GUIDED)]  # the check itself: plain sampling must pass it
+CASES += [(f"sjd-{c}-{name}", sjd(**s, sjd_coupling=c)) for c in COUPLINGS for name, s in SETTINGS.items()]
+CASES += [("sjd-unbatched-nocache-L5", sjd(cfg_scale=2.0, batched_cfg=False, kv_cache=False, sjd_window=5,
+                                           sjd_init="above"))]
 
 
-@pytest.mark.parametrize("sampler,cfg,kw", [
-    ("plain", GUIDED, {}),  # the check itself: plain sampling must pass it
-    ("sjd", GUIDED, dict(window=2, init="random")),
-    ("sjd", GUIDED, dict(window=3, init="above")),
-    ("sjd", NUCLEUS, dict(window=7, init="random")),
-    ("sjd", SamplingConfig.for_family("mini", cfg_scale=2.0, batched_cfg=False, kv_cache=False), dict(window=5, init="above")),
-], ids=["plain", "sjd-random-L2", "sjd-above-L3", "sjd-nucleus-L7", "sjd-unbatched-nocache-L5"])
-def test_sjd_samples_follow_the_plain_sampling_law(micro, sampler, cfg, kw):
+@pytest.mark.parametrize("settings", [s for _, s in CASES], ids=[name for name, _ in CASES])
+def test_sjd_samples_follow_the_plain_sampling_law(micro, settings):
+    cfg = SamplingConfig.for_family("mini", **settings, seed=1)
     law = exact_image_law(micro, PROMPT, cfg)
-    fn = sample_image_body if sampler == "plain" else sample_image_body_sjd
-    codes = draw_codes(micro, fn, SamplingConfig(**{**cfg.to_dict(), "seed": 1}), IMAGES, **kw)
+    fn = sample_image_body_sjd if cfg.sampler == "sjd" else sample_image_body
+    codes = draw_codes(micro, fn, cfg, IMAGES)
     p_values = fit_p_values(codes, law, K=4)
     tv = total_variation(codes, law, K=4)
     assert min(p_values.values()) > ALPHA, f"{p_values}, total variation {tv:.3f}"
@@ -164,11 +152,30 @@ def accept_with_p_whatever_q(p_x, q_x, u):
 
 @pytest.mark.parametrize("rule", [always_accept, accept_if_more_likely, accept_with_p_whatever_q])
 def test_the_check_fails_a_broken_acceptance_rule(micro, rule):
-    law = exact_image_law(micro, PROMPT, GUIDED)
-    codes = draw_codes(micro, sample_image_body_sjd, SamplingConfig(**{**GUIDED.to_dict(), "seed": 2}), IMAGES,
-                       window=3, init="random", _accept=rule)
-    p_values = fit_p_values(codes, law, K=4)
-    assert p_values["joint"] < 1e-9, p_values
+    cfg = SamplingConfig.for_family("mini", **sjd(**GUIDED, sjd_window=3, sjd_init="random", sjd_coupling="none"), seed=2)
+    law = exact_image_law(micro, PROMPT, cfg)
+    codes = draw_codes(micro, sample_image_body_sjd, cfg, IMAGES, _accept=rule)
+    assert fit_p_values(codes, law, K=4)["joint"] < 1e-9
+
+
+def redraw_from_q_new_after_a_miss(coupling, old, q_old, q_new, noise, generator):
+    """Maximal coupling's keep test, but a missed draft comes from q_new instead of the residual: the new
+    draft is no longer distributed as q_new, which the acceptance test then assumes."""
+    keep = torch.rand(len(old), generator=generator) * q_old.gather(1, old[:, None])[:, 0] < \
+        q_new.gather(1, old[:, None])[:, 0]
+    return torch.where(keep, old, sample(q_new, generator))
+
+
+def keep_the_old_draft_while_possible(coupling, old, q_old, q_new, noise, generator):
+    return torch.where(q_new.gather(1, old[:, None])[:, 0] > 0, old, sample(q_new, generator))
+
+
+@pytest.mark.parametrize("coupling", [redraw_from_q_new_after_a_miss, keep_the_old_draft_while_possible])
+def test_the_check_fails_a_broken_coupling(micro, coupling):
+    cfg = SamplingConfig.for_family("mini", **sjd(**GUIDED, sjd_window=7, sjd_init="random"), seed=3)  # the whole body re-drafted
+    law = exact_image_law(micro, PROMPT, cfg)
+    codes = draw_codes(micro, sample_image_body_sjd, cfg, IMAGES, _redraft=coupling)
+    assert fit_p_values(codes, law, K=4)["joint"] < 1e-9
 
 
 # --- behaviour on the tiny model of the other tests -------------------------------------------------------
@@ -176,7 +183,8 @@ def test_the_check_fails_a_broken_acceptance_rule(micro, rule):
 @pytest.mark.parametrize("init", ["random", "above"])
 def test_same_seed_same_image_and_other_seed_other_image(tiny_backbone, init):
     def draw(seed):
-        return sample_image_body_sjd(tiny_backbone, ["a red robot"] * 2, SamplingConfig.for_family("mini", seed=seed), window=8, init=init)
+        return sample_image_body_sjd(tiny_backbone, ["a red robot"] * 2,
+                                     SamplingConfig.for_family("mini", **sjd(sjd_window=8, sjd_init=init), seed=seed))
 
     a, b, c = draw(3), draw(3), draw(4)
     assert torch.equal(a, b)
@@ -187,7 +195,8 @@ def test_same_seed_same_image_and_other_seed_other_image(tiny_backbone, init):
 @pytest.mark.parametrize("init", ["random", "above"])
 def test_structure_tokens_sit_at_their_places(tiny_backbone, init):
     layout = tiny_backbone.layout
-    body = sample_image_body_sjd(tiny_backbone, ["a red robot", "a cup"], SamplingConfig.for_family("mini", seed=1), window=16, init=init)
+    body = sample_image_body_sjd(tiny_backbone, ["a red robot", "a cup"],
+                                 SamplingConfig.for_family("mini", **sjd(sjd_window=16, sjd_init=init), seed=1))
     image_ids = set(layout.image_token_ids.tolist())
     for j in range(layout.body_length):
         forced = layout.forced_token(j)
@@ -197,12 +206,27 @@ def test_structure_tokens_sit_at_their_places(tiny_backbone, init):
 
 @pytest.mark.parametrize("window", [1, 5, 16, 73])
 @pytest.mark.parametrize("init", ["random", "above"])
-def test_greedy_sjd_is_greedy_plain_sampling_even_with_padded_rows(tiny_backbone, window, init):
-    cfg = SamplingConfig.for_family("mini", seed=0, image_top_k=1)  # p is one-hot: any wrong conditional or stale cache shows
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_greedy_sjd_is_greedy_plain_sampling_even_with_padded_rows(tiny_backbone, window, init, coupling):
+    cfg = SamplingConfig.for_family("mini", **sjd(sjd_window=window, sjd_init=init, sjd_coupling=coupling), seed=0,
+                         image_top_k=1)  # p is one-hot: any wrong conditional or stale cache shows
     prompts = ["a red robot on the beach, on the left", "a cup"]
     assert tiny_backbone.layout.body_length == 73
-    assert torch.equal(sample_image_body_sjd(tiny_backbone, prompts, cfg, window=window, init=init),
+    assert torch.equal(sample_image_body_sjd(tiny_backbone, prompts, cfg),
                        sample_image_body(tiny_backbone, prompts, cfg))
+
+
+def test_greedy_sjd_is_greedy_plain_sampling_on_janus_too(tmp_path):
+    """Janus-Pro is a Llama under the hood, with its own CFG rows: the ragged cache must serve it as well."""
+    from test_backbones_real import write_janus_folder
+
+    from tokenbooth.backbones import load_backbone
+
+    janus = load_backbone(str(write_janus_folder(tmp_path / "tiny-janus", dtype=torch.float32)))
+    prompts = ["a red robot on the beach, on the left", "a cup"]
+    for coupling in COUPLINGS:
+        cfg = SamplingConfig.for_family("mini", **sjd(sjd_window=5, sjd_coupling=coupling), seed=0, image_top_k=1)
+        assert torch.equal(sample_image_body_sjd(janus, prompts, cfg), sample_image_body(janus, prompts, cfg))
 
 
 def test_draw_gives_the_same_greedy_codes_with_either_sampler(tiny_backbone):
@@ -219,16 +243,17 @@ def test_draw_gives_the_same_greedy_codes_with_either_sampler(tiny_backbone):
 @pytest.mark.parametrize("kv_cache,batched_cfg", [(False, True), (True, False)])
 def test_speedups_do_not_change_the_sjd_image(tiny_backbone, kv_cache, batched_cfg):
     prompts = ["a red robot on the beach, on the left", "a cup"]
-    fast = sample_image_body_sjd(tiny_backbone, prompts, SamplingConfig.for_family("mini", seed=5), window=6)
-    slow = sample_image_body_sjd(tiny_backbone, prompts, SamplingConfig.for_family("mini", seed=5, kv_cache=kv_cache,
-                                                                        batched_cfg=batched_cfg), window=6)
+    fast = sample_image_body_sjd(tiny_backbone, prompts, SamplingConfig.for_family("mini", **sjd(sjd_window=6), seed=5))
+    slow = sample_image_body_sjd(tiny_backbone, prompts, SamplingConfig.for_family("mini", **sjd(sjd_window=6), seed=5, kv_cache=kv_cache,
+                                                                        batched_cfg=batched_cfg))
     assert torch.equal(fast, slow)
 
 
 def test_every_pass_fixes_at_least_one_token_per_image(tiny_backbone):
     layout = tiny_backbone.layout
     stats = SJDStats()
-    sample_image_body_sjd(tiny_backbone, ["a red robot", "a cup"], SamplingConfig.for_family("mini", seed=2), window=16, stats=stats)
+    sample_image_body_sjd(tiny_backbone, ["a red robot", "a cup"], SamplingConfig.for_family("mini", **sjd(sjd_window=16), seed=2),
+                          stats=stats)
     image_tokens = layout.rows * layout.cols
     assert sum(k * v for k, v in stats.tokens_per_pass.items()) == 2 * image_tokens
     assert min(stats.tokens_per_pass) >= 1 and max(stats.tokens_per_pass) <= 16 + 1
@@ -236,20 +261,46 @@ def test_every_pass_fixes_at_least_one_token_per_image(tiny_backbone):
     assert stats.tokens == 2 * layout.body_length
 
 
-@pytest.mark.parametrize("kw,message", [
-    (dict(window=0), "--sjd-window"),
-    (dict(window=74), "--sjd-window"),
-    (dict(init="left"), "--sjd-init"),
+class FedWidths:
+    """Wraps a backbone and records how many columns each forward pass feeds."""
+
+    def __init__(self, backbone):
+        self.backbone, self.widths = backbone, []
+
+    def hidden_states(self, input_ids=None, **kw):
+        self.widths.append(input_ids.shape[1])
+        return self.backbone.hidden_states(input_ids, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.backbone, name)
+
+
+def test_each_image_of_a_batch_advances_on_its_own(tiny_backbone):
+    """After the first pass (the prompts too), a pass feeds every image's own last token and window: L + 1
+    columns, however far apart the images are; an image that is done leaves the batch."""
+    spy, stats = FedWidths(tiny_backbone), SJDStats()
+    prompts = ["a red robot on the beach, on the left", "a cup", "a blue ball", "a green tree on a hill"]
+    sample_image_body_sjd(spy, prompts, SamplingConfig.for_family("mini", **sjd(sjd_window=8), seed=3), stats=stats)
+    assert set(spy.widths[1:]) == {8 + 1}
+    assert len(set(stats.passes_per_image)) > 1  # the images did not finish together...
+    assert stats.forward_passes == max(stats.passes_per_image)  # ...and none waited for another
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(sjd_window=0), "--sjd-window"),
+    (dict(sjd_window=74), "--sjd-window"),
+    (dict(sjd_init="left"), "--sjd-init"),
+    (dict(sjd_coupling="optimal"), "--sjd-coupling"),
 ])
-def test_bad_sjd_settings_are_refused(tiny_backbone, kw, message):
+def test_bad_sjd_settings_are_refused(tiny_backbone, settings, message):
     with pytest.raises(UserError, match=message) as e:
-        sample_image_body_sjd(tiny_backbone, ["a cup"], SamplingConfig.for_family("mini"), **kw)
+        sample_image_body_sjd(tiny_backbone, ["a cup"], SamplingConfig.for_family("mini", **sjd(**settings)))
     assert "\n" not in str(e.value)
 
 
 def test_bad_sampling_settings_are_refused_by_sjd_too(tiny_backbone):
     with pytest.raises(UserError, match="--top-p"):
-        sample_image_body_sjd(tiny_backbone, ["a cup"], SamplingConfig.for_family("mini", top_p=0.0), stats=SamplingStats())
+        sample_image_body_sjd(tiny_backbone, ["a cup"], SamplingConfig.for_family("mini", **sjd(), top_p=0.0), stats=SamplingStats())
 
 
 # --- the command line -----------------------------------------------------------------------------------
@@ -257,10 +308,11 @@ def test_bad_sampling_settings_are_refused_by_sjd_too(tiny_backbone):
 def test_generate_with_the_sjd_sampler(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code, _, _ = run(capsys, "generate", "a red robot", "--model", str(tiny_model_dir), "-n", "2", "--out", str(out),
-                     "--sampler", "sjd", "--sjd-window", "8", "--sjd-init", "above")
+                     "--sampler", "sjd", "--sjd-window", "8", "--sjd-init", "random", "--sjd-coupling", "gumbel")
     assert code == 0 and (out / "image-001.png").exists() and (out / "grid.png").exists()
     meta = json.loads((out / "generate.json").read_text())
-    assert meta["sampler"] == "sjd" and meta["sjd_window"] == 8 and meta["sjd_init"] == "above"
+    assert meta["sampler"] == "sjd" and meta["sjd_window"] == 8 and meta["sjd_init"] == "random"
+    assert meta["sjd_coupling"] == "gumbel"
     assert 0 < meta["forward_passes"] < 64  # plain sampling takes 64 passes for an 8 x 8 image
 
 
@@ -276,6 +328,8 @@ def test_the_plain_sampler_stays_the_default(tiny_model_dir, tmp_path, capsys):
     (["--sampler", "sjd", "--sjd-window", "1000"], "--sjd-window"),
     (["--sjd-window", "8"], "--sampler sjd"),
     (["--sjd-init", "above"], "--sampler sjd"),
+    (["--sampler", "sjd", "--sjd-coupling", "optimal"], "--sjd-coupling"),
+    (["--sjd-coupling", "gumbel"], "--sampler sjd"),
 ])
 def test_bad_sjd_flags_get_one_line_and_a_non_zero_exit(tiny_model_dir, tmp_path, capsys, extra, message):
     out = str(tmp_path / "o")

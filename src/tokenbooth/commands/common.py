@@ -86,15 +86,22 @@ def load_model(args, quantize: str = "none"):
 
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
-    from ..sampling.sjd import DEFAULT_WINDOW, INITS
+    from ..sampling.coupling import COUPLINGS
+    from ..sampling.processors import SamplingConfig
+    from ..sampling.sjd import INITS
+
+    window = SamplingConfig.__dataclass_fields__["sjd_window"].default
 
     p.add_argument("--sampler", choices=("plain", "sjd"), default="plain",
                    help="sjd: speculative Jacobi decoding, the same distribution in fewer forward passes "
                         "(default: plain)")
     p.add_argument("--sjd-window", type=positive_int, metavar="L",
-                   help=f"draft tokens per SJD pass (default: {DEFAULT_WINDOW}, the SJD paper's)")
+                   help=f"draft tokens per SJD pass (default: {window})")
     p.add_argument("--sjd-init", choices=INITS,
-                   help="how SJD fills new draft positions: a random image token (default) or the token above")
+                   help="how SJD fills new draft positions: the token one row above (default) or a random one")
+    p.add_argument("--sjd-coupling", choices=COUPLINGS,
+                   help="how SJD re-draws drafts it has not verified yet: coupled with the previous draft (maximal, "
+                        "the default, or gumbel: MC-SJD) or independently (none); the same distribution either way")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -108,7 +115,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 SAMPLING_FLAGS = {"cfg": "cfg_scale", "top_k": "image_top_k", "top_p": "top_p", "temperature": "temperature",
-                  "sampler": "sampler", "sjd_window": "sjd_window", "sjd_init": "sjd_init"}
+                  "sampler": "sampler", "sjd_window": "sjd_window", "sjd_init": "sjd_init",
+                  "sjd_coupling": "sjd_coupling"}
 
 
 def sampling_overrides(args) -> dict:
@@ -116,7 +124,7 @@ def sampling_overrides(args) -> dict:
     from ..sampling.processors import check_sampling_values
 
     if getattr(args, "sampler", "plain") != "sjd":
-        for flag in ("sjd_window", "sjd_init"):
+        for flag in ("sjd_window", "sjd_init", "sjd_coupling"):
             if getattr(args, flag, None) is not None:
                 raise UserError(f"--{flag.replace('_', '-')} only applies to --sampler sjd")
     given = {field: getattr(args, flag) for flag, field in SAMPLING_FLAGS.items()

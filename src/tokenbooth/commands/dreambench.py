@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> None:
     settings = RunSettings(model=args.model, images_per_prompt=args.images_per_prompt, seed=args.seed,
                            cfg=args.cfg, top_k=args.top_k, placeholder=args.placeholder,
                            stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, batch_size=args.batch_size,
-                           sampler=sampling["sampler"], sjd_window=args.sjd_window, sjd_init=args.sjd_init)
+                           sampler=sampling["sampler"], sjd_window=args.sjd_window, sjd_init=args.sjd_init,
+                           sjd_coupling=args.sjd_coupling)
     settings.validate()
     if args.list:
         print(describe(read_dreambench(args.data, subjects), settings.placeholder), end="")

@@ -194,6 +194,7 @@ class RunSettings:
     sampler: str = "plain"
     sjd_window: int | None = None
     sjd_init: str | None = None
+    sjd_coupling: str | None = None
 
     def validate(self) -> None:
         """Refuses what no backbone could use, before any model loads."""
@@ -211,7 +212,7 @@ def sampling_config(settings: RunSettings, family: str, prompt_index: int = 0):
     from ..sampling import SamplingConfig
 
     given = {"cfg_scale": settings.cfg, "image_top_k": settings.top_k, "sjd_window": settings.sjd_window,
-             "sjd_init": settings.sjd_init}
+             "sjd_init": settings.sjd_init, "sjd_coupling": settings.sjd_coupling}
     return SamplingConfig.for_family(family, seed=settings.seed + prompt_index, sampler=settings.sampler,
                                      **{k: v for k, v in given.items() if v is not None})
 

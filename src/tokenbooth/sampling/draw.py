@@ -33,7 +33,7 @@ def check_sampler(cfg: SamplingConfig, body_length: int | None = None) -> None:
     if cfg.sampler not in SAMPLERS:
         raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)} (got {cfg.sampler!r})")
     if cfg.sampler == "sjd":
-        check_sjd_options(cfg.sjd_window, cfg.sjd_init, body_length)
+        check_sjd_options(cfg.sjd_window, cfg.sjd_init, cfg.sjd_coupling, body_length)
 
 
 def draw_codes(backbone, prompts: list[str], cfg: SamplingConfig, progress: bool = False,
@@ -44,8 +44,7 @@ def draw_codes(backbone, prompts: list[str], cfg: SamplingConfig, progress: bool
     if cfg.sampler == "sjd":
         from .sjd import sample_image_tokens_sjd
 
-        return sample_image_tokens_sjd(backbone, prompts, cfg, window=cfg.sjd_window, init=cfg.sjd_init,
-                                       progress=progress, stats=stats)
+        return sample_image_tokens_sjd(backbone, prompts, cfg, progress=progress, stats=stats)
     return sample_image_tokens(backbone, prompts, cfg, progress=progress, stats=stats)
 
 

@@ -29,7 +29,12 @@ class SamplingConfig:
     batched_cfg: bool = True  # conditional and unconditional rows in one forward pass
     sampler: str = "plain"  # "plain", or "sjd": speculative Jacobi decoding, same distribution, fewer passes
     sjd_window: int = 16  # draft tokens per SJD pass (the SJD paper's window length)
-    sjd_init: str = "random"  # how SJD fills new draft positions: a random image token or the token "above"
+    # how SJD fills new draft positions: the token "above" (one image row up) or a "random" image token; on mini
+    # "above" gives slightly more tokens per pass (benchmarks/results/sjd.json)
+    sjd_init: str = "above"
+    # how SJD re-draws a draft it could not verify yet: "none" (independently), "maximal" or "gumbel" (coupled
+    # with the old draft, MC-SJD: the same law, the old token kept as often as possible; sampling/coupling.py)
+    sjd_coupling: str = "maximal"
 
     @classmethod
     def for_family(cls, family: str, **overrides) -> "SamplingConfig":
@@ -88,6 +93,15 @@ def image_token_distribution(cond_logits: torch.Tensor, uncond_logits: torch.Ten
     if cfg.top_p < 1.0:
         probs = _nucleus(probs, cfg.top_p)
     return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw per row of probs (N, K), by inverting the cumulative sum: a single uniform per row and a binary
+    search, several times cheaper than torch.multinomial on small rows. A code of probability 0 is never drawn
+    (its cumulative sum equals its predecessor's, and the search returns the first sum above the uniform)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
