@@ -4,16 +4,19 @@ the command's table, JSON and bad input."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
 from conftest import run_cli
 
 from tokenbooth.personalize.recipe import TrainConfig
-from tokenbooth.plan import RunSettings, measure, parse_size, run_phase
+from tokenbooth.plan import (RunSettings, candidates, describe, estimate, fitting_settings, measure, parse_size,
+                             plan_memory, run_phase)
 from tokenbooth.plan.blueprints import blueprint
 from tokenbooth.plan.phases import quantize_base
-from tokenbooth.plan.tracker import fake_run, measured_peak
+from tokenbooth.plan.tracker import ALLOCATOR_RESERVE, fake_run, measured_peak
 from tokenbooth.sampling import SamplingConfig
 
 
@@ -123,3 +126,54 @@ def test_quantize_without_its_library_is_one_line(capsys, tiny_model_dir, monkey
 
 def test_parse_size_units():
     assert parse_size("24GB") == 24e9 and parse_size("80GiB") == 80 * 2**30 and parse_size("16000 MB") == 16e9
+
+
+def narrow_lumina(folder, layers: int):
+    """Lumina-mGPT's configuration narrowed to 256 wide, with `layers` transformer layers: a model folder."""
+    config = json.loads((blueprint_configs() / "lumina-mgpt-7b-768.json").read_text())
+    config.update(hidden_size=256, intermediate_size=704, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=4)
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.mark.parametrize("phase,kw", [
+    ("stage1", {"gradient_checkpointing": True, "gradient_accumulation_steps": 4}),
+    ("stage2", {"gradient_accumulation_steps": 4}),
+    ("stage2", {"gradient_checkpointing": True, "optimizer": "adamw8bit"}),
+    ("stage2", {"layers": "lora", "quantize": "nf4", "gradient_checkpointing": True}),
+    ("sampling-cfg", {}),
+])
+def test_estimate_from_two_and_three_layers_equals_the_full_depth_measurement(tmp_path, phase, kw):
+    model = narrow_lumina(tmp_path / "narrow", layers=7)
+    s = settings(batch_size=8, **kw)
+    estimated = estimate(model, phase, s, resolution=256)
+    measured = measure(model, phase, s, resolution=256)
+    # 4 micro-batches are estimated as 2: the step's token ids are then 4 rows shorter (a few KB here)
+    assert abs(estimated.peak_bytes - measured.peak_bytes) <= 4 * 2 * 8 * 300, (estimated, measured)
+    assert estimated.flops == pytest.approx(measured.flops, rel=1e-6)
+
+
+def test_the_fitting_search_finds_what_trying_every_candidate_finds(tiny_model_dir):
+    # One phase per candidate (joint training) with LoRA: 12 candidates, each estimated once, the search's
+    # pruning then decides from the same figures.
+    s = settings(batch_size=2, stages="joint", layers="lora")
+    cache: dict = {}
+    every = {describe(o): plan_memory(str(tiny_model_dir), o, sampling=False, cache=cache).peak_bytes
+             for o in candidates(s)}  # in their expected speed order
+    budget = int(sorted(every.values())[len(every) // 2] + ALLOCATOR_RESERVE)  # about half of them fit
+    found = fitting_settings(str(tiny_model_dir), s, budget, limit=3, cache=cache)
+    first_three_that_fit = [flags for flags, peak in every.items() if peak + ALLOCATOR_RESERVE <= budget][:3]
+    assert len(every) == 12 and len(first_three_that_fit) == 3
+    assert sorted(describe(p.settings) for p in found) == sorted(first_three_that_fit)
+
+
+def test_plan_prints_nothing_but_the_plan():
+    # A QLoRA plan imports torchao and bitsandbytes and injects LoRA over quantized layers: none of their notes
+    # about optional kernels or merging may reach the user (a fresh process: they come once per process).
+    done = subprocess.run([sys.executable, "-m", "tokenbooth", "plan", "--model", "mini", "--layers", "lora",
+                           "--quantize", "nf4", "--optimizer", "adamw8bit", "--batch-size", "2", "-n", "1"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and "stage2" in done.stdout

@@ -67,10 +67,11 @@ def run(args) -> None:
         raise UserError(f"nothing fits {args.gpu_memory}: the CUDA context and the allocator's slack alone take about "
                         f"{ALLOCATOR_RESERVE / GB:.1f} GB")
     with fake_run():
-        family = blueprint(args.model, resolution=args.resolution).family
+        family = blueprint(args.model, resolution=args.resolution, layers=1).family  # checks the model, cheaply
     settings = settings_from_args(args, family)
-    plan = plan_memory(args.model, settings, resolution=args.resolution)
-    fitting = fitting_settings(args.model, settings, budget, args.resolution) if budget is not None else []
+    cache: dict = {}  # phase figures, shared: the user's own settings are the first candidate
+    plan = plan_memory(args.model, settings, resolution=args.resolution, cache=cache)
+    fitting = fitting_settings(args.model, settings, budget, args.resolution, cache=cache) if budget is not None else []
     if budget is not None and not fitting:
         raise UserError(f"nothing fits {args.gpu_memory}: training with {describe(settings)} needs "
                         f"{plan.peak_bytes / GB:.1f} GB, and no leaner setting tried (checkpointing, micro-batches, "

@@ -15,6 +15,7 @@ import json
 import math
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -268,7 +269,11 @@ def add_lora(backbone, cfg: TrainConfig):
                if f"{prefix}.{proj}.weight" in trainable]
     lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, lora_dropout=0.0, target_modules=targets)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: the same seed gives the same run
-    inject_adapter_in_model(lora_config, backbone.model)
+    with warnings.catch_warnings():
+        # On a quantized base (QLoRA) peft warns that its TorchaoLoraLinear cannot merge(): tokenbooth merges an
+        # adapter into the bf16 model only, never into the quantized one it trained on.
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated", category=UserWarning)
+        inject_adapter_in_model(lora_config, backbone.model)
     return lora_config
 
 

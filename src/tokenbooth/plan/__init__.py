@@ -4,6 +4,12 @@ Each phase (phases.py) runs for real through the backbone classes, the recipe an
 tensors built from the model's shipped configuration (blueprints.py): no weights, no memory, no arithmetic
 of our own. `tracker.LiveBytes` counts the storage every operator returns while it lives, so the peak is
 what PyTorch's allocator would hold. benchmarks/memory.py checks it against real runs on the CPU.
+
+A 32-layer model takes seconds a phase that way and a search for settings that fit tries dozens, so plans
+are measured on the model cut to 2 and 3 transformer layers and extrapolated in depth (`estimate`): every
+layer adds the same weights, optimizer state and saved activations, so each moment's live bytes and the FLOPs
+are linear in depth. On the five published models the extrapolation equals the full-depth measurement
+(benchmarks/plan_tables.py checks every figure of docs/gpu.md's tables).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ GB = 1e9
 @dataclass
 class PhasePlan:
     peak_bytes: int
-    flops: int = 0  # per optimizer step (training phases): the speed ranking's measure
+    flops: int = 0  # of a training step's passes (not the references' encoding): the speed ranking's measure
+    regions: dict[str, int] = field(default_factory=dict)  # the peak of each region (tracker.region)
 
 
 @dataclass
@@ -55,12 +62,13 @@ def run_phase(backbone, phase: str, settings: RunSettings) -> None:
         sampling_phase(backbone, settings, window=settings.sample.sjd_window)
     else:
         stage = {v: k for k, v in STAGE_PHASES.items()}[phase]
-        train_phase(backbone, stage, settings, steps=2)
+        train_phase(backbone, stage, settings)
 
 
 def measure(model: str, phase: str, settings: RunSettings, resolution: int | None = None,
             layers: int | None = None, overrides: dict | None = None) -> PhasePlan:
-    """One phase on fake tensors: its peak live bytes (the weights included) and the step's FLOPs."""
+    """One phase on fake tensors: its peak live bytes (the weights included), by region too, and a training
+    step's FLOPs."""
     from .blueprints import blueprint
 
     settings = copy.deepcopy(settings)  # the recipe's pieces may adjust configs; plans stay independent
@@ -70,17 +78,70 @@ def measure(model: str, phase: str, settings: RunSettings, resolution: int | Non
             quantize_base(backbone, settings, fake=True)
         live.reset_peak()  # loading's transients happen on the CPU, before the model moves to the GPU
         run_phase(backbone, phase, settings)
-        return PhasePlan(peak_bytes=live.peak, flops=live.flops // 2)
+        return PhasePlan(peak_bytes=live.peak, flops=live.flops.get("step", 0), regions=dict(live.peaks))
 
 
-def plan_memory(model: str, settings: RunSettings, resolution: int | None = None, layers: int | None = None,
-                sampling: bool = True) -> Plan:
-    """The peak of every phase the settings' run goes through (training stages, then sampling)."""
+ESTIMATE_DEPTHS = (2, 3)  # transformer layers of the two cuts `estimate` measures (1 layer is not yet linear)
+
+
+def estimate(model: str, phase: str, settings: RunSettings, resolution: int | None = None) -> PhasePlan:
+    """`measure` at full depth, in seconds: measured on the model cut to 2 and 3 layers and extrapolated
+    linearly to its depth, and with N > 2 micro-batches a step measured as 2 (the second and every later
+    micro-batch start from the same state: the accumulated gradients; the FLOPs are scaled by N / 2). Equal to
+    `measure` but for the few KB of the smaller batch's token ids (tests/test_plan.py). Each region of the
+    phase (tracker.LiveBytes.peaks: the VQ encoder or decoder, the forward pass, the backward pass at the head
+    and at the first and last layers, the optimizer step) is extrapolated on its own and the largest taken:
+    the one that dominates 2 layers need not dominate 32."""
+    from .blueprints import num_layers
+
+    t = settings.train
+    scale = 1.0
+    if phase not in SAMPLING_PHASES and t.gradient_accumulation_steps > 2:
+        micro = t.batch_size // t.gradient_accumulation_steps
+        scale = t.gradient_accumulation_steps / 2
+        settings = replace(settings, train=replace(t, batch_size=2 * micro, gradient_accumulation_steps=2))
+    depth, (d0, d1) = num_layers(model), ESTIMATE_DEPTHS
+    if depth <= d1:  # small enough to measure whole
+        whole = measure(model, phase, settings, resolution)
+        return PhasePlan(peak_bytes=whole.peak_bytes, flops=int(whole.flops * scale), regions=whole.regions)
+    a, b = (measure(model, phase, settings, resolution, layers=d) for d in (d0, d1))
+
+    def extrapolated(x: int, y: int) -> int:
+        return x + (y - x) * (depth - d0) // (d1 - d0)
+
+    regions = {name: extrapolated(a.regions.get(name, 0), b.regions.get(name, 0))
+               for name in {**a.regions, **b.regions}}
+    return PhasePlan(peak_bytes=max(regions.values()), flops=int(extrapolated(a.flops, b.flops) * scale),
+                     regions=regions)
+
+
+def plan_memory(model: str, settings: RunSettings, resolution: int | None = None, sampling: bool = True,
+                cache: dict | None = None, budget: int | None = None) -> Plan:
+    """The peak of every phase the settings' run goes through (training stages, then sampling). `cache`:
+    phase plans already estimated, by `phase_key` (fitting_settings shares one). `budget`: stop at the first
+    phase that does not fit it, trying the later stage first (stage 2 holds what stage 1 holds and more)."""
     phases = [STAGE_PHASES[stage] for stage, _ in settings.train.plan] + (list(SAMPLING_PHASES) if sampling else [])
+    cache = {} if cache is None else cache
     plan = Plan(model, settings)
-    for phase in phases:
-        plan.phases[phase] = measure(model, phase, settings, resolution, layers)
+    for phase in phases if budget is None else reversed(phases):
+        key = phase_key(phase, settings)
+        if key not in cache:
+            cache[key] = estimate(model, phase, settings, resolution)
+        plan.phases[phase] = cache[key]
+        if budget is not None and not plan.fits(budget):
+            break
+    plan.phases = {phase: plan.phases[phase] for phase in phases if phase in plan.phases}  # in the run's order
     return plan
+
+
+def phase_key(phase: str, settings: RunSettings) -> tuple:
+    """What a phase's figures depend on among the settings `candidates` vary (stage 1 trains [V] alone: not
+    the layers stage 2 trains, nor its optimizer; sampling: none of them)."""
+    t = settings.train
+    if phase in SAMPLING_PHASES:
+        return (phase,)
+    key = (phase, t.gradient_checkpointing, t.gradient_accumulation_steps, t.quantize)
+    return key + ((t.layers, t.optimizer) if phase != "stage1" else ())
 
 
 # --- settings that fit a budget -----------------------------------------------------------------------
@@ -118,8 +179,13 @@ def candidates(settings: RunSettings) -> list[RunSettings]:
 
 
 def _key(s: RunSettings) -> tuple:
+    return _choices(s) + (s.train.gradient_accumulation_steps,)
+
+
+def _choices(s: RunSettings) -> tuple:
+    """The choices `candidates` varies, but for the micro-batches."""
     t = s.train
-    return (t.layers, t.gradient_checkpointing, t.gradient_accumulation_steps, t.optimizer, t.quantize)
+    return (t.layers, t.gradient_checkpointing, t.optimizer, t.quantize)
 
 
 def _expected_time(s: RunSettings) -> float:
@@ -149,62 +215,47 @@ def relative_time(plan: Plan) -> float:
     return flops * QUANTIZE_SLOWDOWN[t.quantize] * (1 + MICRO_BATCH_OVERHEAD * (t.gradient_accumulation_steps - 1))
 
 
-SCREEN_DEPTHS = (2, 3)  # transformer layers of the quick estimates that decide which candidates to measure
-SCREEN_MARGIN = 1.15  # a candidate estimated within this factor of the budget is measured at full depth
-
-
 def fitting_settings(model: str, settings: RunSettings, budget: int, resolution: int | None = None,
-                     limit: int = 5) -> list[Plan]:
+                     limit: int = 5, cache: dict | None = None) -> list[Plan]:
     """Up to `limit` variations of `settings` whose training phases fit `budget`, fastest first; sampling
     does not depend on them and is the caller's to check.
 
-    Candidates are tried in their expected speed order. Each is first estimated on the model cut to 2 and 3
-    layers, extrapolated to its depth (seconds, where the full model takes a minute; within a few percent on
-    the published models); only those the estimate puts under 1.15 x the budget are measured at full depth,
-    and only full-depth figures decide and are reported. One that is nowhere leaner than a setting found too
-    large (measured, or estimated beyond that margin) is skipped."""
-    from .blueprints import num_layers
+    Candidates are estimated in their expected speed order, each phase once (`cache`, shared with
+    `plan_memory`'s), stage 2 first. One that is nowhere leaner than a setting found too large is not
+    estimated at all, so each candidate's variant with the most micro-batches is tried before it: one miss
+    rules out the others. If the leanest candidate does not fit, nothing else is tried."""
+    cache = {} if cache is None else cache
 
-    depth = num_layers(model)
-    cache: dict[tuple, PhasePlan] = {}
-
-    def phase_plan(phase: str, option: RunSettings, layers: int | None) -> PhasePlan:
-        t = option.train  # stage 1 does not depend on the layers trained or the optimizer
-        key = (phase, layers, t.gradient_checkpointing, t.gradient_accumulation_steps, t.quantize) + \
-            ((t.layers, t.optimizer) if phase != "stage1" else ())
-        if key not in cache:
-            cache[key] = measure(model, phase, option, resolution, layers)
-        return cache[key]
-
-    def training_plan(option: RunSettings, layers: int | None = None) -> Plan:
-        plan = Plan(model, option)
-        for stage, _ in option.train.plan:
-            plan.phases[STAGE_PHASES[stage]] = phase_plan(STAGE_PHASES[stage], option, layers)
-        return plan
-
-    def estimate(option: RunSettings) -> int:
-        small, larger = (training_plan(option, d).peak_bytes for d in SCREEN_DEPTHS)
-        return small + (larger - small) * (depth - SCREEN_DEPTHS[0]) // (SCREEN_DEPTHS[1] - SCREEN_DEPTHS[0])
+    def fits(option: RunSettings) -> Plan | None:
+        plan = plan_memory(model, option, resolution, sampling=False, cache=cache, budget=budget)
+        return plan if plan.fits(budget) else None
 
     options = candidates(settings)
     leanest = [o for o in options if all(_needs_more_memory(other, o) for other in options)]
-    if leanest and not training_plan(leanest[0]).fits(budget):
+    if leanest and not fits(leanest[0]):
         return []  # nothing is leaner than this one
-    fits, misses = [], []
+    found, misses = [], []
+
+    def missed(option: RunSettings) -> bool:
+        return any(_needs_more_memory(option, miss) for miss in misses)
+
     for option in options:
-        if any(_needs_more_memory(option, miss) for miss in misses):
+        if missed(option):
             continue
-        if depth > SCREEN_DEPTHS[1] and (estimate(option) + ALLOCATOR_RESERVE) > budget * SCREEN_MARGIN:
-            misses.append(option)  # well over: what needs more memory than this is not measured either
+        # The same choices with the most micro-batches first: if even that misses, none of them is tried.
+        most = max((o for o in options if _choices(o) == _choices(option)),
+                   key=lambda o: o.train.gradient_accumulation_steps)
+        if most is not option and not missed(most) and not fits(most):
+            misses.append(most)
             continue
-        plan = training_plan(option)
-        if plan.fits(budget):
-            fits.append(plan)
+        plan = fits(option)
+        if plan:
+            found.append(plan)
         else:
-            misses.append(option)
-        if len(fits) == limit:
+            misses.append(option)  # what needs more memory than this is not estimated either
+        if len(found) == limit:
             break
-    return sorted(fits, key=relative_time)
+    return sorted(found, key=relative_time)
 
 
 def describe(settings: RunSettings) -> str:
@@ -230,5 +281,5 @@ def parse_size(text: str) -> int:
     return int(number * ((1024 if binary else 1000) ** power))
 
 
-__all__ = ["Plan", "PhasePlan", "RunSettings", "plan_memory", "fitting_settings", "measure", "parse_size",
-           "describe", "relative_time", "candidates"]
+__all__ = ["Plan", "PhasePlan", "RunSettings", "plan_memory", "fitting_settings", "measure", "estimate",
+           "parse_size", "describe", "relative_time", "candidates"]

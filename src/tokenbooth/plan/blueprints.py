@@ -16,7 +16,6 @@ from ..assets import CONFIGS_DIR
 from ..errors import UserError
 
 
-
 def known_models() -> dict[str, Path]:
     """Names `tokenbooth plan --model` takes: the five published models and mini."""
     from ..assets import MINI_DIR
@@ -90,7 +89,10 @@ def _word_tokenizer(vocab: list[str]):
 
 
 def _chameleon(name: str, config: dict, folder: Path | None, resolution: int | None):
-    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+    from ..backbones.hf import quiet_imports
+
+    with quiet_imports():
+        from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
     from ..backbones.chameleon import (IMAGE_END, IMAGE_START, PRESETS, ROW_END, TURN_END, ChameleonBackbone,
                                        ChameleonSpec, image_token_name, size_token)
@@ -118,7 +120,10 @@ def _chameleon(name: str, config: dict, folder: Path | None, resolution: int | N
 
 
 def _janus(name: str, config: dict, resolution: int | None):
-    from transformers import JanusConfig, JanusForConditionalGeneration
+    from ..backbones.hf import quiet_imports
+
+    with quiet_imports():
+        from transformers import JanusConfig, JanusForConditionalGeneration
 
     from ..backbones.janus import BOS, IMAGE_END, IMAGE_START, PAD, JanusBackbone
 

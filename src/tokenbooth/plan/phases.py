@@ -7,7 +7,9 @@ tensors by the planner (`tokenbooth plan`), on real tensors by the validation be
                 full (two rows per image under classifier-free guidance), then the VQ decoder
   sampling-sjd  the same with speculative Jacobi decoding: a window of draft tokens per step
 
-A training phase takes two optimizer steps, so the second runs with the first's optimizer state in place.
+A training phase takes two optimizer steps, so the second runs with the first's optimizer state in place; the
+first is taken on zero gradients, without the forward and backward passes: it creates the same state, and the
+passes it skips hold less than the second step's, which run with that state alive.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..personalize.recipe import (Placeholder, TrainConfig, _autocast_for, enabl
                                   prepare_layers, stage_params, train_layers, train_step)
 from ..sampling import SamplingConfig
 from ..sampling.draw import decode_each
+from .tracker import follow_layers, region, set_region
 
 PROMPT = "a photo of [V] dog on the beach"  # the length of a typical prompt; planning needs no more of it
 REFERENCES = 4  # reference images encoded in stage 1's setup (DreamBench has 4-6 per subject)
@@ -49,14 +52,15 @@ def training_batch(backbone, placeholder: Placeholder, cfg: TrainConfig):
     return torch.full(shape, backbone.layout.image_end, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
 
 
-def train_phase(backbone, stage: str, settings: RunSettings, steps: int = 2) -> None:
-    """Sets the backbone up as the recipe's `train` does for `stage` ("embedding", "layers" or "joint") and
-    takes `steps` optimizer steps through the recipe's `train_step`. Used on fake tensors (planning) and on
-    real ones (validation)."""
+def train_phase(backbone, stage: str, settings: RunSettings) -> None:
+    """Sets the backbone up as the recipe's `train` does for `stage` ("embedding", "layers" or "joint"),
+    creates the optimizer's state with a step on zero gradients, then takes a step through the recipe's
+    `train_step`. Used on fake tensors (planning) and on real ones (validation)."""
     cfg = settings.train
     generator = torch.Generator().manual_seed(cfg.seed)
     if stage == "embedding" or cfg.stages == "joint":  # the references are encoded before the first stage
-        encode_each(backbone, torch.zeros(REFERENCES, 3, backbone.resolution, backbone.resolution))
+        with region("encode"):
+            encode_each(backbone, torch.zeros(REFERENCES, 3, backbone.resolution, backbone.resolution))
     placeholder = Placeholder(backbone, cfg, generator)
     _, layer_params = prepare_layers(backbone, cfg)
     train_layers(layer_params, stage != "embedding")
@@ -64,8 +68,15 @@ def train_phase(backbone, stage: str, settings: RunSettings, steps: int = 2) -> 
         enable_gradient_checkpointing(backbone)
     trainable = [placeholder.embedding] + (list(layer_params.values()) if stage != "embedding" else [])
     optimizer = _optimizer(cfg.optimizer, stage_params(stage, placeholder, layer_params, cfg))
+    follow_layers(decoder_layers(backbone))
+    optimizer.register_step_pre_hook(lambda *_: set_region("optimizer") and None)
+    optimizer.register_step_post_hook(lambda *_: set_region("step") and None)
     batch = (*training_batch(backbone, placeholder, cfg), 1.0)
-    for _ in range(steps):
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with region("step"):
         train_step(backbone, placeholder, [batch], cfg, optimizer, trainable, _autocast_for(backbone))
 
 
@@ -104,4 +115,5 @@ def sampling_phase(backbone, settings: RunSettings, window: int = 1) -> None:
     logits = logits.float().softmax(-1)  # the processors' distribution over the window
     del cache, logits
     layout = backbone.layout
-    decode_each(backbone, torch.zeros(n, layout.rows, layout.cols, dtype=torch.long))
+    with region("decode"):
+        decode_each(backbone, torch.zeros(n, layout.rows, layout.cols, dtype=torch.long))

@@ -31,9 +31,10 @@ ALLOCATOR_RESERVE = 1.0e9
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of tensor storage alive now (`now`) and at most since the last `reset_peak()` (`peak`), and the
-    floating-point operations of the matrix products since then (`flops`, torch's FLOP formulas; torch's
-    FlopCounterMode itself cannot be stacked here: its module tracking keeps tensors alive)."""
+    """Bytes of tensor storage alive now (`now`) and at most since the last `reset_peak()` (`peak`, and by
+    region: `peaks`), and the floating-point operations of the matrix products since then by region (`flops`,
+    torch's FLOP formulas; torch's FlopCounterMode itself cannot be stacked here: its module tracking keeps
+    tensors alive)."""
 
     def __init__(self):
         super().__init__()
@@ -41,13 +42,29 @@ class LiveBytes(TorchDispatchMode):
 
         self.now = 0
         self.peak = 0
-        self.flops = 0
+        self.flops: dict[str, int] = {}  # by region
+        self.region = "run"  # what the program is doing now (`region()`): the peak is also kept per region
+        self.layer: str | None = None  # in a backward pass, the decoder layer being gone through (`follow_layers`)
+        self.peaks: dict[str, int] = {}
         self._sizes: dict[int, int] = {}
         self._formulas = FlopCounterMode(display=False).flop_registry
 
     def reset_peak(self) -> None:
         self.peak = self.now
-        self.flops = 0
+        self.peaks = {"start": self.now}
+        self.flops = {}
+
+    def _high(self, total: int) -> None:
+        self.peak = max(self.peak, total)
+        # Within a region, the backward pass, the forward pass and what runs without autograd (gradient
+        # clipping, ...) are kept apart too: each has its own linear growth with depth.
+        if torch._C._current_autograd_node() is not None:
+            if self.layer == "middle":
+                return  # a middle layer's moments lie between the first's and the last's (linear in its index)
+            key = f"{self.region}/backward/{self.layer or 'head'}"
+        else:
+            key = f"{self.region}/{'forward' if torch.is_grad_enabled() else 'no-grad'}"
+        self.peaks[key] = max(self.peaks.get(key, 0), total)
 
     def _count(self, t: torch.Tensor) -> None:
         if _is_wrapper(t):
@@ -59,7 +76,7 @@ class LiveBytes(TorchDispatchMode):
         size = storage.nbytes()
         self._sizes[key] = size
         self.now += size
-        self.peak = max(self.peak, self.now)
+        self._high(self.now)
         weakref.finalize(storage, self._release, key)
 
     def _release(self, key: int) -> None:
@@ -70,10 +87,10 @@ class LiveBytes(TorchDispatchMode):
         out = func(*args, **kwargs)
         tree_map_only(torch.Tensor, self._count, out)
         if func.overloadpacket.__name__ in CONVOLUTIONS and isinstance(out, torch.Tensor):
-            self.peak = max(self.peak, self.now + out.untyped_storage().nbytes())
+            self._high(self.now + out.untyped_storage().nbytes())
         formula = self._formulas.get(func.overloadpacket)
         if formula is not None:
-            self.flops += formula(*args, **kwargs, out_val=out)
+            self.flops[self.region] = self.flops.get(self.region, 0) + formula(*args, **kwargs, out_val=out)
         return out
 
 
@@ -82,6 +99,60 @@ def _is_wrapper(t: torch.Tensor) -> bool:
 
     return type(t) not in (torch.Tensor, torch.nn.Parameter, FakeTensor) and not isinstance(t, FakeTensor) \
         and hasattr(t, "__tensor_flatten__")
+
+
+_ACTIVE: list[LiveBytes] = []  # the counter of the fake run in progress, if any
+
+
+def set_region(name: str) -> str | None:
+    """Names what the program does from now on (e.g. "optimizer"), for the fake run in progress (a real run
+    ignores it); returns the previous name. A phase's peak is the largest of its regions' peaks; `estimate`
+    extrapolates each region's in depth on its own, since one region (the VQ decoder, the optimizer step) may
+    dominate a cut-down model and another the full one."""
+    if not _ACTIVE:
+        return None
+    previous, _ACTIVE[-1].region = _ACTIVE[-1].region, name
+    return previous
+
+
+def follow_layers(layers: list[torch.nn.Module]) -> None:
+    """Tells the fake run in progress which of `layers` (the decoder layers, first to last) the backward pass
+    is going through: the first one it meets (the model's last), the last one, or one in the middle. During a
+    backward pass the live bytes move linearly with the layer's index (gradients accumulate, saved inputs are
+    freed), so with the head's moments apart every label's peak is linear in depth, while the largest of them
+    can pass from one label to another as the model deepens."""
+    if not _ACTIVE:
+        return
+    live = _ACTIVE[-1]
+    names = ["last"] + ["middle"] * (len(layers) - 2) + ["first"] if len(layers) > 1 else ["first"]
+
+    def entering(name):
+        def hook(grad):
+            live.layer = name
+
+        return hook
+
+    for index, layer in enumerate(layers):
+        def forward_hook(module, args, output, name=names[index], index=index):
+            if torch._C._current_autograd_node() is not None:
+                return  # recomputed under checkpointing, inside the backward pass
+            if index == 0:
+                live.layer = None  # a new forward pass: its backward starts at the head
+            hidden = output[0] if isinstance(output, tuple) else output
+            if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(entering(name))
+
+        layer.register_forward_hook(forward_hook)
+
+
+@contextlib.contextmanager
+def region(name: str):
+    previous = set_region(name)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            set_region(previous)
 
 
 @contextlib.contextmanager
@@ -101,11 +172,13 @@ def fake_run():
         swap(t1, t2)
 
     torch.utils.swap_tensors = swap_fake
+    _ACTIVE.append(live)
     try:
         with fake, live:
             yield live
     finally:
         torch.utils.swap_tensors = swap
+        _ACTIVE.remove(live)
 
 
 @contextlib.contextmanager
