@@ -223,7 +223,8 @@ def fitting_settings(model: str, settings: RunSettings, budget: int, resolution:
     Candidates are estimated in their expected speed order, each phase once (`cache`, shared with
     `plan_memory`'s), stage 2 first. One that is nowhere leaner than a setting found too large is not
     estimated at all, so each candidate's variant with the most micro-batches is tried before it: one miss
-    rules out the others. If the leanest candidate does not fit, nothing else is tried."""
+    rules out the others. If none of the leanest candidates fits (QLoRA with checkpointing and the most
+    micro-batches; for Q/K/V also 8-bit AdamW with them), nothing else is tried."""
     cache = {} if cache is None else cache
 
     def fits(option: RunSettings) -> Plan | None:
@@ -231,9 +232,10 @@ def fitting_settings(model: str, settings: RunSettings, budget: int, resolution:
         return plan if plan.fits(budget) else None
 
     options = candidates(settings)
-    leanest = [o for o in options if all(_needs_more_memory(other, o) for other in options)]
-    if leanest and not fits(leanest[0]):
-        return []  # nothing is leaner than this one
+    leanest = [o for o in options if not any(_key(o) != _key(other) and _needs_more_memory(o, other)
+                                              for other in options)]
+    if not any(fits(o) for o in leanest):
+        return []  # every candidate needs at least one of these' memory
     found, misses = [], []
 
     def missed(option: RunSettings) -> bool:
