@@ -104,8 +104,10 @@ def like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if isinstance(reference, DTensor):
+        # Every process holds the same whole tensor (read from one checkpoint), so each keeps its own shard:
+        # no scatter from the first process. That scatter's pending work aborted an exit now and then.
         return distribute_tensor(tensor.to(reference.device, reference.dtype), reference.device_mesh,
-                                 reference.placements)
+                                 reference.placements, src_data_rank=None)
     return tensor
 
 
