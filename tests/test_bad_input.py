@@ -374,3 +374,11 @@ def test_an_unreadable_path_is_one_line_too(inputs, tmp_path, capsys, what):
     lines = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(lines) == 1 and lines[0].startswith("tokenbooth: error: ")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv,starts", [(["plan", "--gpu-memory", "24", "bananas"], "tokenbooth: error: unrecognized"),
+                                         (["generate", "--steps"], "tokenbooth: error: generate: ")])
+def test_a_flag_argparse_refuses_names_the_program_once(capsys, argv, starts):
+    assert main(argv) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(starts) and line.count("tokenbooth:") == 1, line

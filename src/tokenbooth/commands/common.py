@@ -23,7 +23,9 @@ class UsageError(UserError):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage and exits; we want one line and no SystemExit
-        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+        # main() prints "tokenbooth: error: "; a subcommand's own name follows it ("plan: ...")
+        command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        raise UsageError(f"{command}{message} (see {self.prog} --help)")
 
 
 def finite_float(text: str) -> float:
