@@ -177,3 +177,22 @@ def test_plan_prints_nothing_but_the_plan():
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     assert done.stderr == "" and "stage2" in done.stdout
+
+
+def test_a_lean_choice_whose_library_is_missing_is_not_offered(monkeypatch, tiny_model_dir, capsys):
+    """A base install (no torchao, no bitsandbytes) still plans: the search leaves those choices out and says
+    so, instead of refusing the whole plan because one candidate could not run."""
+    import tokenbooth.personalize.lean as lean
+    from conftest import run_cli
+
+    monkeypatch.setattr(lean, "can_import", lambda module: module != "bitsandbytes")
+    s = settings(batch_size=2, layers="qkv")
+    offered = candidates(s)
+    assert offered and not any(o.train.optimizer == "adamw8bit" for o in offered)
+    assert any(o.train.quantize == "nf4" for o in offered)  # torchao's choices stay
+    own = settings(batch_size=2, layers="qkv", optimizer="adamw8bit")
+    assert candidates(own)[0].train.optimizer == "adamw8bit"  # the user's own is kept (and refused when run)
+    code, out, err = run_cli(capsys, "plan", "--model", str(tiny_model_dir), "--layers", "qkv", "--batch-size", "2",
+                             "-n", "1", "--gpu-memory", "80GB")
+    assert code == 0, err
+    assert "not tried, their library is not installed here: --optimizer adamw8bit" in out

@@ -58,7 +58,7 @@ def settings_from_args(args, family: str):
 
 
 def run(args) -> None:
-    from ..plan import describe, fitting_settings, parse_size, plan_memory
+    from ..plan import describe, fitting_settings, parse_size, plan_memory, unavailable_choices
     from ..plan.blueprints import blueprint
     from ..plan.tracker import ALLOCATOR_RESERVE, fake_run
 
@@ -91,6 +91,9 @@ def run(args) -> None:
     if budget is not None:
         line += f": {'fits' if plan.fits(budget) else 'does not fit'} {args.gpu_memory}"
     print(line)
+    if budget is not None and (missing := unavailable_choices()):
+        print(f"not tried, their library is not installed here: {', '.join(missing)} "
+              f"(pip install 'tokenbooth[lean]')")
     if fitting:
         from ..plan import relative_time
 

@@ -42,6 +42,19 @@ def check_lean_options(quantize: str, optimizer: str, layers: str) -> None:
         _require("bitsandbytes", "--optimizer adamw8bit")
 
 
+def can_import(module: str) -> bool:
+    """Whether an optional library loads here (`_require` says why not)."""
+    try:
+        _require(module, module)
+    except UserError:
+        return False
+    return True
+
+
+# The optional library each lean choice needs.
+LIBRARY = {("quantize", "nf4"): "torchao", ("quantize", "int8"): "torchao", ("optimizer", "adamw8bit"): "bitsandbytes"}
+
+
 def _require(module: str, what: str) -> None:
     import importlib
     import logging

@@ -159,8 +159,10 @@ def candidates(settings: RunSettings) -> list[RunSettings]:
     """The user's settings with each memory-versus-speed choice varied: gradient checkpointing, micro-batches
     with accumulation (the same pairs per step), 8-bit AdamW, a quantized base (with LoRA: QLoRA), LoRA in
     place of full Q/K/V. The other settings (steps, rates, batch size, resolution) stay the user's. Ordered
-    by their expected speed, the user's own first."""
+    by their expected speed, the user's own first. A choice whose library is not installed here (torchao,
+    bitsandbytes: `unavailable_choices`) is not offered, unless it is the user's own."""
     train = settings.train
+    missing = set(unavailable_choices())
     trains_layers = train.stages != "embedding"
     layer_options = [train.layers] + (["lora"] if train.layers == "qkv" and trains_layers else [])
     accumulations = [a for a in (1, 2, 4, 8, 16) if train.batch_size % a == 0]
@@ -171,11 +173,21 @@ def candidates(settings: RunSettings) -> list[RunSettings]:
             continue  # full Q/K/V needs an unquantized base
         if optimizer == "adamw8bit" and (layers == "lora" or not trains_layers) and train.optimizer == "adamw":
             continue  # 8-bit moments of a few thousand LoRA (or [V]) weights save nothing
+        if ({f"--optimizer {optimizer}", f"--quantize {quantize}"} & missing
+                and (optimizer, quantize) != (train.optimizer, train.quantize)):
+            continue  # it could not run here; the user's own choice is checked, and refused, as it is
         option = replace(settings, train=replace(train, layers=layers, gradient_checkpointing=ckpt, optimizer=optimizer,
                                                  gradient_accumulation_steps=accum, quantize=quantize))
         if all(_key(option) != _key(o) for o in out):
             out.append(option)
     return sorted(out, key=lambda o: (_key(o) != _key(settings), _expected_time(o)))
+
+
+def unavailable_choices() -> list[str]:
+    """The lean choices whose library cannot be imported here, as flags ("--optimizer adamw8bit")."""
+    from ..personalize.lean import LIBRARY, can_import
+
+    return [f"--{axis} {value}" for (axis, value), module in LIBRARY.items() if not can_import(module)]
 
 
 def _key(s: RunSettings) -> tuple:
@@ -284,4 +296,4 @@ def parse_size(text: str) -> int:
 
 
 __all__ = ["Plan", "PhasePlan", "RunSettings", "plan_memory", "fitting_settings", "measure", "estimate",
-           "parse_size", "describe", "relative_time", "candidates"]
+           "parse_size", "describe", "relative_time", "candidates", "unavailable_choices"]
