@@ -36,10 +36,9 @@ def check_lean_options(quantize: str, optimizer: str, layers: str) -> None:
         raise UserError(f"--layers qkv trains the Q/K/V weights themselves, and a --quantize {quantize} base stores "
                         f"them in {4 if quantize == 'nf4' else 8} bits, which gradient steps cannot update: use "
                         f"--layers lora (QLoRA) or --quantize none")
-    if quantize != "none":
-        _require("torchao", f"--quantize {quantize}")
-    if optimizer == "adamw8bit":
-        _require("bitsandbytes", "--optimizer adamw8bit")
+    for flag, value in (("quantize", quantize), ("optimizer", optimizer)):
+        if (flag, value) in LIBRARY:
+            _require(LIBRARY[flag, value], f"--{flag} {value}")
 
 
 def can_import(module: str) -> bool:

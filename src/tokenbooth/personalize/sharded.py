@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 
 import torch
 
 from ..errors import UserError
+
+GLOO_SETTLE_SECONDS = 0.2  # per barrier at exit; see Sharding._close
 
 
 class Sharding:
@@ -42,11 +45,22 @@ class Sharding:
         self.dist = dist
         # accelerate's config: FULL_SHARD frees a layer's gathered weights after its forward pass
         self.reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
-        atexit.register(self._close)  # gloo's threads abort the interpreter's exit if the group outlives it
+        atexit.register(self._close)
 
     def _close(self) -> None:
-        if self.dist.is_initialized():
-            self.dist.destroy_process_group()
+        """Ends the process group at exit, while the interpreter is whole. On gloo (CPUs) each collective's
+        work object is let go by one of gloo's worker threads after the caller has moved on; letting go of
+        its tensors takes the GIL, and a worker still at it once the interpreter finalizes aborts the
+        process ("terminate called without an active exception"). So the processes meet, the workers get
+        time with the GIL released to drop what they hold, and a last barrier, which has nothing in flight
+        to hold, goes before the group does."""
+        if not self.dist.is_initialized():
+            return
+        if self.dist.get_backend() == "gloo":
+            for _ in range(2):
+                self.dist.barrier()
+                time.sleep(GLOO_SETTLE_SECONDS)
+        self.dist.destroy_process_group()
 
     @staticmethod
     def from_environment() -> "Sharding | None":
