@@ -119,7 +119,7 @@ def like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
     if isinstance(reference, DTensor):
         # Every process holds the same whole tensor (read from one checkpoint), so each keeps its own shard:
-        # no scatter from the first process. That scatter's pending work aborted an exit now and then.
+        # no scatter from the first process is needed.
         return distribute_tensor(tensor.to(reference.device, reference.dtype), reference.device_mesh,
                                  reference.placements, src_data_rank=None)
     return tensor
