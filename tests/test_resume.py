@@ -83,3 +83,34 @@ def test_train_resume_on_the_command_line_continues_to_the_uninterrupted_adapter
     assert code == 0, err
     assert len(calls) == 2  # steps 3 and 4: steps 1 and 2 came from the checkpoint, not trained again
     assert_same_adapter(tmp_path / "whole", tmp_path / "part")
+
+
+@pytest.mark.parametrize("layers", ["qkv", "lora"])
+def test_a_two_stage_run_started_from_a_saved_stage_1_ends_with_the_uninterrupted_adapter(tiny_model_dir, tmp_path,
+                                                                                        layers):
+    refs = load_reference_images(subject_images(tmp_path / "refs"), 16)
+    cfg = quick(layers=layers, lora_rank=2)
+    whole = train(load_backbone(str(tiny_model_dir)), refs, cfg, tmp_path / "whole", progress=False)
+    stage1 = train(load_backbone(str(tiny_model_dir)), refs, quick(stages="embedding"), tmp_path / "stage1",
+                   progress=False)
+    branched = train(load_backbone(str(tiny_model_dir)), refs, cfg, tmp_path / "branched", progress=False,
+                     stage1_from=stage1)
+    assert_same_adapter(whole, branched)
+    log = (branched / "log.jsonl").read_text().splitlines()
+    assert log[: cfg.stage1_steps] == (stage1 / "log.jsonl").read_text().splitlines()  # stage 1 is the saved one
+    assert len(log) == cfg.stage1_steps + cfg.stage2_steps
+
+
+def test_a_stage_1_trained_with_other_settings_is_refused(tiny_model_dir, tmp_path):
+    from tokenbooth.errors import UserError
+
+    refs = load_reference_images(subject_images(tmp_path / "refs"), 16)
+    stage1 = train(load_backbone(str(tiny_model_dir)), refs, quick(stages="embedding"), tmp_path / "stage1",
+                   progress=False)
+    with pytest.raises(UserError, match="stage1_lr"):
+        train(load_backbone(str(tiny_model_dir)), refs, quick(stage1_lr=0.5), tmp_path / "b", progress=False,
+              stage1_from=stage1)
+    with pytest.raises(UserError, match="two-stage"):
+        train(load_backbone(str(tiny_model_dir)), refs, quick(stages="joint"), tmp_path / "c", progress=False,
+              stage1_from=stage1)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -1,50 +1,299 @@
-"""toy-bench's design: held-out subjects, DreamBench-like prompts, and scores that can tell good from bad."""
+"""toy-bench v2: its subjects and prompts, scores that tell a faithful picture from a wrong one, DreamBench's
+aggregation with bootstrap intervals, stage 1 shared, restarts, and the command end to end on the tiny model
+(tiny random encoders and reader: the figures mean nothing there, the plumbing is what is tested)."""
 
-from conftest import run_cli as run
+from __future__ import annotations
 
-from tokenbooth.eval.toybench import checker_scores, prompts, references, subjects, summarize
-from tokenbooth.toyworld import RESERVED, Scene, render
-from tokenbooth.toyworld.demo_subject import SUBJECT as DEMO
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+
+from tokenbooth.eval.toybench import (
+    METRICS, REFERENCE_SHOTS, ROWS, bench_mean, bootstrap_ci, prompts, reader_scores, reading_scores, references,
+    subjects, summarize,
+)
+from tokenbooth.toyworld import DEV_SUBJECTS, RESERVED, TEST_SUBJECTS
+from tokenbooth.toyworld.world import WEARS_ACCESSORIES
+
+# --- subjects, references, prompts -------------------------------------------------------------------
 
 
-def test_subjects_are_reserved_never_the_demo_subject_and_span_classes():
-    picked = subjects(10)
-    assert len(set(picked)) == 10 and all(s in RESERVED for s in picked) and DEMO not in picked
-    assert len({s.cls for s in picked}) == 10
+def test_the_test_split_is_the_default_and_dev_is_the_other_reserved_subjects():
+    test, dev = subjects(), subjects("dev")
+    assert test == list(TEST_SUBJECTS) and len(test) == 12 and len({s.cls for s in test}) == 12
+    assert dev == list(DEV_SUBJECTS) and len(dev) == 24 and not set(test) & set(dev)
+    assert all(s in RESERVED for s in test + dev)
+    assert subjects("test", 3) == test[:3]
 
 
-def test_ten_prompts_of_dreambenchs_three_kinds():
-    for inst in subjects(12):
+def test_a_subject_count_past_the_split_is_refused():
+    from tokenbooth.errors import UserError
+
+    with pytest.raises(UserError, match="--subjects"):
+        subjects("test", 13)
+    with pytest.raises(UserError, match="--split"):
+        subjects("val")
+
+
+def test_twelve_prompts_per_subject_in_dreambenchs_proportions_the_same_every_time():
+    for inst in subjects() + subjects("dev"):
         asked = prompts(inst)
-        assert len(asked) == 10 and all("[V]" in p["text"] for p in asked)
-        changed = [p for p in asked if not p["keeps_identity"]]
-        assert len(changed) == 3 and all(p["color"] != inst.color and p["color"] in p["text"] for p in changed)
-        assert len({p["background"] for p in asked}) >= 6
+        kinds = [p["kind"] for p in asked]
+        assert len(asked) == 12 and all(f"[V] {inst.cls}" in p["text"] for p in asked)
+        wears = inst.cls in WEARS_ACCESSORIES
+        assert kinds.count("context") == (8 if wears else 10) and kinds.count("color") == 2
+        assert kinds.count("accessory") == (2 if wears else 0)
+        for p in asked:
+            assert p["asks"]["background"] not in {bg for bg, _ in REFERENCE_SHOTS}  # a context no reference shows
+            if p["kind"] == "color":
+                assert p["asks"]["color"] not in (inst.color, inst.accent) and p["asks"]["color"] in p["text"]
+            if p["kind"] == "accessory":
+                assert p["asks"]["accessory"] in p["text"]
+        assert len({p["text"] for p in asked}) == 12
+        assert prompts(inst) == asked
 
 
-def test_checker_scores_reward_the_subject_and_the_prompt_and_punish_the_wrong_picture():
-    inst = subjects(1)[0]
-    asked = prompts(inst)
-    faithful = [render(Scene(inst if p["keeps_identity"] else inst.__class__(**{**inst.__dict__, "color": p["color"]}),
-                             p["background"], "center", "large", None, i)) for i, p in enumerate(asked)]
-    wrong = [render(Scene(subjects(2)[1], "pink", "center", "large", None, i)) for i in range(len(asked))]
-    good, bad = checker_scores(faithful, asked), checker_scores(wrong, asked)
-    assert good["identity"] > 0.8 and good["prompt"] > 0.7
-    assert bad["identity"] < good["identity"] and bad["prompt"] < good["prompt"]
+def test_references_are_four_64_px_renders_in_different_contexts():
+    refs = references(subjects()[0])
+    assert len(refs) == 4 and all(im.size == (64, 64) for im in refs)
+    assert len({im.tobytes() for im in refs}) == 4 and len({bg for bg, _ in REFERENCE_SHOTS}) == 4
 
 
-def test_summary_averages_over_subjects():
-    rows = {"base": [dict(subject="a", clip_i=0.2, clip_t=0.4, identity=0.0, prompt=1.0),
-                     dict(subject="b", clip_i=0.4, clip_t=0.2, identity=1.0, prompt=0.0)]}
-    assert summarize(rows) == [dict(row="base", clip_i=0.30000000000000004, clip_t=0.30000000000000004,
-                                    identity=0.5, prompt=0.5)]
+# --- scores ---------------------------------------------------------------------------------------------
 
 
-def test_references_differ_in_context_not_subject():
-    refs = references(subjects(1)[0], 32)
-    assert len(refs) == 4 and len({im.tobytes() for im in refs}) == 4
+def faithful_reading(inst, asks: dict | None) -> dict:
+    """What a perfect reader reads in a perfect picture of `inst` answering `asks`."""
+    reading = {a: getattr(inst, a) for a in ("cls", "color", "accent", "pattern", "proportion", "variant")}
+    reading.update(background="white", position="center", size="large", accessory="none")
+    return {**reading, **(asks or {})}
+
+
+class StubReader:
+    """Reads back whatever it was given, in order: the scoring logic without a trained model."""
+
+    def __init__(self, readings):
+        self.readings = readings
+
+    def read(self, images):
+        assert len(images) == len(self.readings)
+        return self.readings
+
+
+def test_identity_and_prompt_scores_reward_a_faithful_picture_and_punish_a_wrong_one():
+    inst, sibling = subjects()[0], next(s for s in RESERVED if s.cls == subjects()[0].cls and s != subjects()[0])
+    asks = [p["asks"] for p in prompts(inst)]
+    faithful = reader_scores(StubReader([faithful_reading(inst, a) for a in asks]), [None] * 12, inst, asks)
+    assert all(s == {"identity": 1.0, "identity_all": 1.0, "prompt": 1.0} for s in faithful)
+    # the sibling, on a reference's background, without the asked accessory: identity and prompt both fall
+    wrong = reader_scores(StubReader([faithful_reading(sibling, None) for _ in asks]), [None] * 12, inst, asks)
+    assert all(s["identity"] < 1 and s["identity_all"] == 0 and s["prompt"] < 1 for s in wrong)
+    one_off = reading_scores({**faithful_reading(inst, asks[0]), "variant": (inst.variant + 1) % 3}, inst, asks[0])
+    assert one_off == {"identity": 5 / 6, "identity_all": 0.0, "prompt": 1.0}
+
+
+def test_a_color_prompt_takes_the_body_color_out_of_identity():
+    inst = subjects()[0]
+    recolor = next(p["asks"] for p in prompts(inst) if p["kind"] == "color")
+    obeyed = reading_scores(faithful_reading(inst, recolor), inst, recolor)
+    assert obeyed == {"identity": 1.0, "identity_all": 1.0, "prompt": 1.0}
+    ignored = reading_scores(faithful_reading(inst, {"background": recolor["background"]}), inst, recolor)
+    assert ignored == {"identity": 1.0, "identity_all": 1.0, "prompt": 0.5}  # the old color: the prompt half missed
+
+
+def test_a_reference_is_scored_for_identity_and_answers_no_prompt():
+    inst = subjects()[0]
+    assert reading_scores(faithful_reading(inst, None), inst, None) == {"identity": 1.0, "identity_all": 1.0,
+                                                                        "prompt": None}
+
+
+# --- aggregation ----------------------------------------------------------------------------------------
+
+
+def test_the_bench_mean_is_over_subjects_of_the_mean_over_their_images():
+    assert bench_mean([[0.0, 1.0, 1.0, 1.0], [0.0]]) == 0.375  # not 0.6, the mean over all five images
+
+
+def test_the_bootstrap_interval_contains_the_mean_and_narrows_with_more_data():
+    rng = np.random.default_rng(1)
+
+    def data(n_subjects, n_images):  # subjects differ, and so do a subject's images
+        return [list(rng.normal(rng.normal(0.5, 0.1), 0.1, n_images)) for _ in range(n_subjects)]
+
+    small, large = data(5, 4), data(80, 12)
+    widths = []
+    for values in (small, large):
+        lo, hi = bootstrap_ci(values)
+        assert lo < bench_mean(values) < hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2
+    assert bootstrap_ci(small) == bootstrap_ci(small)  # a fixed seed: the same interval every time
+
+
+def test_the_summary_has_every_metric_of_every_row_and_none_where_a_row_has_no_such_figure():
+    image = {m: 0.5 for m in METRICS}
+    reference = {**image, "clip_t": None, "prompt": None}
+    rows = summarize({"references": [[reference] * 4] * 2, "base": [[image] * 12] * 2})
+    assert rows["references"]["clip_t"] == {"mean": None, "ci": None} and rows["references"]["prompt"]["ci"] is None
+    assert rows["base"]["prompt"] == {"mean": 0.5, "ci": [0.5, 0.5]}
+
+
+# --- the command on the tiny model ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """A tiny random ViT (for --dino) and a tiny random attribute reader (for --reader)."""
+    from transformers import ViTConfig, ViTModel
+
+    from tokenbooth.eval.reader import AttributeReader, ReaderConfig, save_reader
+
+    root = tmp_path_factory.mktemp("encoders")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(root / "dino")
+    save_reader(AttributeReader(ReaderConfig(width=8)), root / "reader")
+    return {"dino": root / "dino", "reader": root / "reader"}
+
+
+STEPS = {"stage1": 2, "stage2": 1}
+
+
+def bench_args(model, encoders, out, *extra):
+    return ["eval", "toybench", "--model", model, "--subjects", "1", "--stage1-steps", STEPS["stage1"],
+            "--stage2-steps", STEPS["stage2"], "--dino", encoders["dino"], "--reader", encoders["reader"],
+            "--output", out, *extra]
+
+
+def cli(*argv) -> int:
+    from tokenbooth.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def subject_batches(monkeypatch, interrupt_at: int | None = None) -> list:
+    """Records every training batch of the subject (not prior preservation's class batches); Ctrl-C
+    (KeyboardInterrupt) when drawing subject batch number `interrupt_at`."""
+    import tokenbooth.personalize.recipe as recipe
+
+    calls, real = [], recipe.make_batch
+
+    def counted(*args, subject, **kwargs):
+        if subject:
+            calls.append(1)
+            if len(calls) == interrupt_at:
+                raise KeyboardInterrupt
+        return real(*args, subject=subject, **kwargs)
+
+    monkeypatch.setattr(recipe, "make_batch", counted)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_model_dir, encoders, tmp_path_factory):
+    """One uninterrupted run, with the training runs it started and the subject batches they drew."""
+    import tokenbooth.personalize as personalize
+
+    out = tmp_path_factory.mktemp("toybench") / "run"
+    trainings, real_train = [], personalize.train
+
+    def spy(backbone, images, cfg, folder, **kwargs):
+        trainings.append((folder.name, cfg.stages, kwargs.get("stage1_from")))
+        return real_train(backbone, images, cfg, folder, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(personalize, "train", spy)
+        batches = subject_batches(mp)
+        assert cli(*bench_args(tiny_model_dir, encoders, out)) == 0
+    return {"out": out, "results": json.loads((out / "results.json").read_text()), "trainings": trainings,
+            "batches": len(batches)}
+
+
+def test_the_command_writes_results_json_with_every_row_and_metric_report_grid_and_plot(bench):
+    results, out = bench["results"], bench["out"]
+    assert {"rows", "subjects", "minutes"} <= results.keys() and isinstance(results["minutes"], float)
+    assert list(results["rows"]) == list(ROWS) and results["subjects"] == [subjects()[0].key]
+    for row, figures in results["rows"].items():
+        assert list(figures) == list(METRICS)
+        for metric, figure in figures.items():
+            assert figure.keys() == {"mean", "ci"}
+            if row == "references" and metric in ("clip_t", "prompt"):
+                assert figure == {"mean": None, "ci": None}
+            else:
+                lo, hi = figure["ci"]
+                assert lo <= figure["mean"] + 1e-9 and figure["mean"] <= hi + 1e-9
+    report = (out / "report.md").read_text()
+    assert all(row in report for row in ("Q/K/V", "LoRA", "prior", "ceiling", "floor"))
+    assert (out / "report.png").is_file() and (out / "grids" / f"{subjects()[0].key}.png").is_file()
+
+
+def test_stage_1_is_trained_once_per_subject_and_every_two_stage_row_continues_from_it(bench):
+    stage1 = [t for t in bench["trainings"] if t[0] == "embedding"]
+    assert len(stage1) == 1 and stage1[0][1] == "embedding"
+    branched = {name: start for name, stages, start in bench["trainings"] if stages == "two-stage"}
+    assert set(branched) == {"two-stage-qkv", "two-stage-lora", "two-stage-prior"}
+    assert all(start is not None and start.name == "embedding" for start in branched.values())
+    s1, s2 = STEPS["stage1"], STEPS["stage2"]
+    assert bench["batches"] == s1 + (s1 + s2) + 3 * s2  # stage 1 once, joint, then three stage 2s alone
+
+
+def test_a_restart_reuses_every_finished_adapter_image_and_score(bench, tiny_model_dir, encoders, monkeypatch):
+    import tokenbooth.eval.toybench as toybench
+    import tokenbooth.personalize as personalize
+    import tokenbooth.sampling as sampling
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("finished work done again")
+
+    monkeypatch.setattr(personalize, "train", refuse)
+    monkeypatch.setattr(sampling, "draw", refuse)
+    monkeypatch.setattr(toybench, "reader_scores", refuse)
+    assert cli(*bench_args(tiny_model_dir, encoders, bench["out"])) == 0
+    again = json.loads((bench["out"] / "results.json").read_text())
+    assert again["rows"] == bench["results"]["rows"] and again["per_subject"] == bench["results"]["per_subject"]
+
+
+def test_a_run_killed_halfway_and_restarted_gives_the_uninterrupted_results(bench, tiny_model_dir, encoders,
+                                                                           tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    s1, s2 = STEPS["stage1"], STEPS["stage2"]
+    subject_batches(monkeypatch, interrupt_at=s1 + (s1 + s2) + s2 + 1)  # inside two-stage-lora's stage 2
+    assert cli(*bench_args(tiny_model_dir, encoders, out)) == 130
+    lora = out / "subjects" / subjects()[0].key / "adapters" / "two-stage-lora"
+    assert not (lora / "adapter_config.json").exists() and (lora / "checkpoints" / f"step-{s1}").is_dir()
+    assert not (out / "results.json").exists()
+    batches = subject_batches(monkeypatch)
+    assert cli(*bench_args(tiny_model_dir, encoders, out)) == 0
+    assert len(batches) == 2 * s2  # the LoRA row's stage 2 and the prior row's: nothing finished is redone
+    results = json.loads((out / "results.json").read_text())
+    assert results["rows"] == bench["results"]["rows"] and results["per_subject"] == bench["results"]["per_subject"]
+
+
+def test_a_restart_with_other_settings_is_refused(bench, tiny_model_dir, encoders, capsys):
+    before = sorted(p for p in bench["out"].rglob("*"))
+    code, _, err = run_cli(capsys, *bench_args(tiny_model_dir, encoders, bench["out"], "--seed", "1"))
+    assert code != 0 and "other settings" in err and err.count("tokenbooth: error:") == 1
+    assert sorted(p for p in bench["out"].rglob("*")) == before
+
+
+@pytest.mark.parametrize("asset,script,flag", [("TOYDINO_DIR", "toydino", "--dino"),
+                                               ("READER_DIR", "reader", "--reader")])
+def test_a_missing_bundled_encoder_is_named_with_the_command_that_makes_it(tiny_model_dir, encoders, tmp_path,
+                                                                           capsys, monkeypatch, asset, script, flag):
+    import tokenbooth.assets as assets
+
+    monkeypatch.setattr(assets, asset, tmp_path / "not-made-yet")
+    given = [a for a in ("--dino", "--reader") if a != flag]
+    args = ["eval", "toybench", "--model", tiny_model_dir, "--output", tmp_path / "out",
+            *[x for a in given for x in (a, encoders[a[2:]])]]
+    code, _, err = run_cli(capsys, *args)
+    assert code != 0 and f"python -m tokenbooth.pretrain.{script}" in err and err.count("tokenbooth: error:") == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_subject_count(capsys, tmp_path):
-    code, _, err = run(capsys, "eval", "toybench", "--subjects", "0", "--output", tmp_path)
+    code, _, err = run_cli(capsys, "eval", "toybench", "--subjects", "0", "--output", tmp_path)
     assert code != 0 and "--subjects" in err

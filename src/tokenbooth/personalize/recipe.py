@@ -5,6 +5,10 @@
   stage 2   [V] keeps learning and transformer layers join (Q/K/V of every layer, or LoRA on them)
   save      an adapter folder (adapter.py); checkpoints on the way make the run resumable
 
+A two-stage run can also start from another run's finished stage 1 (`train(stage1_from=...)`), as if it
+had trained that stage itself: toy-bench trains stage 1 once per subject and branches every stage-2
+variant from it.
+
 Training both at once from the start (`stages="joint"`) is the paper's failing variant, kept for the
 ablation: the layers absorb the subject and [V] stays undertrained.
 """
@@ -348,9 +352,10 @@ def batch_loss(backbone, placeholder: Placeholder, ids, labels, autocast, chunk_
 RUN_FILE = "train_config.json"  # {"config": the TrainConfig, "source": ...}: --resume continues exactly that run
 
 
-def check_run(backbone, cfg: TrainConfig, out: Path, resume: bool, sharding=None) -> None:
+def check_run(backbone, cfg: TrainConfig, out: Path, resume: bool, sharding=None, stage1_from: Path | None = None
+              ) -> None:
     """Everything that would stop the run, checked before it writes anything: the settings, the class word,
-    the --layers targets, the sequence length, and what `out` already holds."""
+    the --layers targets, the sequence length, what `out` already holds, and the stage 1 it starts from."""
     from ..io import check_can_create
 
     cfg.validate()
@@ -376,8 +381,56 @@ def check_run(backbone, cfg: TrainConfig, out: Path, resume: bool, sharding=None
         raise UserError(f"{out} already holds an adapter; choose another output folder")
     elif latest_checkpoint(out) is not None:
         raise UserError(f"{out} holds an unfinished run; resume it (train --resume) or choose another output folder")
+    if stage1_from is not None and not resume:
+        stage1_checkpoint(backbone, cfg, Path(stage1_from))
     if sharding is not None:
         sharding.barrier()  # every process has looked at `out` before the first one writes there
+
+
+# What decides stage 1: a run starts from another run's stage 1 only where these agree. Not prior
+# preservation: the class prompts hold no [V], so in stage 1 (only [V] learns) the class term has no gradient.
+STAGE1_SETTINGS = ("class_name", "placeholder", "init_token", "stage1_steps", "stage1_lr", "batch_size", "flip",
+                   "seed", "gradient_accumulation_steps", "quantize", "optimizer")
+
+
+def stage1_checkpoint(backbone, cfg: TrainConfig, folder: Path) -> Path:
+    """The checkpoint that ends stage 1 in `folder` (every run keeps it), refused unless that stage 1 is the
+    one `cfg` would train, on the same base."""
+    if cfg.stages != "two-stage":
+        raise UserError(f"only a two-stage run can start from a finished stage 1 (this one is {cfg.stages})")
+    if not (folder / RUN_FILE).is_file():
+        raise UserError(f"{folder} holds no training run to take stage 1 from (no {RUN_FILE})")
+    saved, _ = read_run(folder)
+    for name in STAGE1_SETTINGS:
+        if getattr(saved, name) != getattr(cfg, name):
+            raise UserError(f"the stage 1 in {folder} was trained with {name} {getattr(saved, name)!r}, this run "
+                            f"asks for {getattr(cfg, name)!r}")
+    if (folder / adapter_files.CONFIG).is_file():
+        recorded = read_json_object(folder / adapter_files.CONFIG, "adapter config").get("base_fingerprint")
+        if recorded != adapter_files.base_fingerprint(backbone.folder):
+            raise UserError(f"the stage 1 in {folder} was trained on another base model than {backbone.name}")
+    checkpoint = folder / "checkpoints" / f"step-{cfg.stage1_steps}"
+    if not (checkpoint / "progress.json").is_file():
+        raise UserError(f"{folder} holds no finished stage 1 (no checkpoints/step-{cfg.stage1_steps})")
+    return checkpoint
+
+
+def start_from_stage1(checkpoint: Path, out: Path) -> None:
+    """Copies a finished stage 1 (its checkpoint, and its log lines) into `out`: the run then goes on as one
+    resumed at the end of its own stage 1, and `train --resume` can continue it like any other."""
+    import os
+    import shutil
+
+    step = int(checkpoint.name.split("-")[1])
+    tmp = out / "checkpoints" / f".step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint, tmp)
+    os.replace(tmp, out / "checkpoints" / checkpoint.name)
+    log = checkpoint.parent.parent / "log.jsonl"
+    if log.exists():
+        lines = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        with atomic_path(out / "log.jsonl") as tmp_log:
+            tmp_log.write_text("".join(line + "\n" for line in lines))
 
 
 def check_training_fits(backbone, cfg: TrainConfig) -> None:
@@ -510,15 +563,19 @@ def stage_params(stage: str, placeholder: Placeholder, layer_params: dict, cfg: 
 
 
 def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None, source: dict | None = None, sharding: Sharding | None = None) -> Path:
+          stop_after: int | None = None, source: dict | None = None, sharding: Sharding | None = None,
+          stage1_from: Path | None = None) -> Path:
     """Personalizes `backbone` on `images`; writes the adapter to `out` and returns it.
 
     stop_after: end the run (checkpoint written) after this many steps in all, as an interruption would.
     source: what the caller wants recorded about where the run came from (the command: model, image folder).
     sharding: this process's place in a run over several processes (`Sharding.from_environment()` under
-    `accelerate launch`; sharded.py); None trains alone, as each of DreamBench's processes does."""
+    `accelerate launch`; sharded.py); None trains alone, as each of DreamBench's processes does.
+    stage1_from: the folder of a run (an embedding-only one, say) whose finished stage 1 this two-stage run
+    takes instead of training its own; the adapter is then the one the uninterrupted run would give. Not
+    used when resuming: `out` already holds a copy."""
     out = Path(out)
-    check_run(backbone, cfg, out, resume, sharding)  # every refusal comes before anything is written
+    check_run(backbone, cfg, out, resume, sharding, stage1_from)  # every refusal comes before anything is written
     main = sharding is None or sharding.main  # the process that writes files
     generator = torch.Generator().manual_seed(cfg.seed)
     placeholder = Placeholder(backbone, cfg, generator)
@@ -530,6 +587,12 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
 
     lora_config, layer_params = prepare_layers(backbone, cfg)
 
+    if stage1_from is not None and not resume:
+        if main:
+            start_from_stage1(stage1_checkpoint(backbone, cfg, Path(stage1_from)), out)
+        if sharding is not None:
+            sharding.barrier()  # the copy is whole before any process reads it
+        resume = True  # from here on, the run is one resumed at the end of its stage 1
     state = RunState()
     checkpoint = latest_checkpoint(out) if resume else None
     saved = load_checkpoint(checkpoint, placeholder, layer_params, generator, state) if checkpoint else None
@@ -581,7 +644,10 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
                                        "seconds": round(time.time() - t0, 3)})
             t0 = time.time()
             finished = state.step == steps and stage_index == len(cfg.plan) - 1
-            if state.global_step % cfg.checkpointing_steps == 0 or state.global_step == stop_after:
+            # The end of stage 1 is always kept: [V] and its optimizer state alone (layers have not trained
+            # yet), a few KB, from which another two-stage run can start (stage1_from).
+            stage1_done = stage == "embedding" and state.step == steps
+            if state.global_step % cfg.checkpointing_steps == 0 or state.global_step == stop_after or stage1_done:
                 save_checkpoint(out, state, placeholder, layer_params, optimizer, generator, sharding)
             if cfg.validation_prompts and state.global_step % cfg.validation_steps == 0 and not finished:
                 render_validation(backbone, placeholder, cfg, out / "validation" / f"step-{state.global_step}.png",
