@@ -3,7 +3,7 @@ CLIP-I / CLIP-T tell a subject from its siblings and a right caption from a wron
 
 import pytest
 
-from tokenbooth.pretrain.toyclip import MODEL_DIR, discrimination_report
+from tokenbooth.pretrain.toyclip import MODEL_DIR, RESOLUTION, discrimination_report
 
 pytestmark = pytest.mark.skipif(not (MODEL_DIR / "config.json").exists(),
                                 reason="toyCLIP not trained: python -m tokenbooth.pretrain.toyclip")
@@ -20,7 +20,7 @@ def test_load_clip_reads_toyclip_with_its_tokenizer():
     from tokenbooth.eval.metrics import load_clip
 
     clip = load_clip(str(MODEL_DIR))
-    assert clip.crop == 32
+    assert clip.crop == RESOLUTION
     tokens = clip.tokenizer.tokenize("a red striped robot on the beach, on the left")
     assert tokens == ["a</w>", "red</w>", "striped</w>", "robot</w>", "on</w>", "the</w>", "beach</w>", ",</w>",
                       "on</w>", "the</w>", "left</w>"]

@@ -5,7 +5,7 @@ metric code that reads real CLIP ViT-B/32 (tokenbooth.eval.metrics.load_clip) re
 CLIP-I / CLIP-T can be computed on toyworld images, which real CLIP was never trained on.
 
   tokenizer  CLIP-style BPE ("</w>" ends a word, lowercase, <|startoftext|> / <|endoftext|>) on captions
-  model      ViT 32 px / patch 4 and a text transformer, both 128 wide and 4 deep, projected to 128
+  model      ViT 64 px / patch 8 and a text transformer, both 128 wide and 4 deep, projected to 128
   train      the symmetric contrastive loss on (render, caption) pairs of the pretraining stream
 Budget on 2 cores: about 8 minutes. `discrimination_report()` checks that the metrics tell subjects apart.
 """
@@ -31,7 +31,7 @@ from ..toyworld import reserved_instances
 from .mini import zero_denormals
 
 MODEL_DIR = TOYCLIP_DIR  # the shipped model folder this script writes
-RESOLUTION = 32
+RESOLUTION = 64
 NUM_SCENES = 40_000
 TOKENIZER_CAPTIONS = 20_000  # captions the BPE is trained on (the vocabulary is small: every word gets merged)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -85,7 +85,7 @@ def build_model(tokenizer):
     text = dict(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                 intermediate_size=512, max_position_embeddings=32, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = dict(image_size=RESOLUTION, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+    vision = dict(image_size=RESOLUTION, patch_size=8, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                   intermediate_size=512)
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=128))
 
@@ -93,7 +93,7 @@ def build_model(tokenizer):
 # --- data ---------------------------------------------------------------------------------------------
 
 def render_scenes(n: int) -> tuple[list[Scene], torch.Tensor]:
-    """Scenes and their pixels, preprocessed as metrics.clip_pixels does (at 32 px: CLIP's mean/std only)."""
+    """Scenes and their pixels, preprocessed as metrics.clip_pixels does (at 64 px: CLIP's mean/std only)."""
     scenes = [pretraining_scene(i) for i in range(n)]
     rgb = torch.from_numpy(np.stack([np.asarray(render(s, RESOLUTION).convert("RGB")) for s in scenes]))
     pixels = rgb.permute(0, 3, 1, 2).float() / 255.0

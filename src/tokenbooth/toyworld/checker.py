@@ -54,7 +54,7 @@ def read_scene(image) -> Reading:
         return Reading(BACKGROUNDS[bg], None, None, n)
     xs = np.nonzero(mask)[1] / (px.shape[1] - 1)
     cx = float(np.median(xs))
-    position = "left" if cx < 0.39 else "right" if cx > 0.61 else "center"
+    position = "left" if cx < 0.44 else "right" if cx > 0.56 else "center"
     to_palette = np.linalg.norm(px[mask][:, None] - PALETTE[None], axis=-1)
     nearest, how_near = to_palette.argmin(1), to_palette.min(1)
     # Edge pixels blend object and background into colors of neither: count clean pixels when there are some.

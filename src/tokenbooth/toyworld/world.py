@@ -25,7 +25,7 @@ CLASSES = (
 WEARS_ACCESSORIES = ("robot", "teddy", "duck", "cat")
 ACCESSORIES = ("hat", "scarf")
 
-# name -> RGB. Kept far apart in color space so the checker can read them back from 32 px images.
+# name -> RGB. Kept far apart in color space so they read back from small images.
 COLORS = {
     "red": (215, 40, 40),
     "orange": (245, 140, 20),
@@ -77,8 +77,8 @@ class Instance:
     color: str  # the dominant body color, the one a caption names
     accent: str  # second color: trims, wheels, roof, petals' center...
     pattern: str
-    proportion: int  # 0 narrow, 1 regular, 2 wide
-    variant: int  # 0..2: which parts it has (antenna, handle side, ears...)
+    proportion: int  # 0 narrow, 1 regular, 2 wide: no caption word names it
+    variant: int  # 0..2: which parts it has (antennae, handle side, ears...): no caption word names them
 
     @property
     def key(self) -> str:
@@ -115,6 +115,22 @@ def reserved_instances() -> tuple[Instance, ...]:
 
 
 RESERVED = frozenset(reserved_instances())
+DEMO_SUBJECT_KEY = "robot-brown-purple-plain-p2v2"  # `tokenbooth demo`'s robot
+
+
+def _test_subjects() -> tuple[Instance, ...]:
+    """The subjects results are reported on, never tuned on: per class, the first reserved sibling (the
+    demo's robot excepted, since the demo is looked at while tuning). 12 subjects, one per class."""
+    out = []
+    for cls in CLASSES:
+        out.append(next(i for i in reserved_instances() if i.cls == cls and i.key != DEMO_SUBJECT_KEY))
+    return tuple(out)
+
+
+TEST_SUBJECTS = _test_subjects()
+# The subjects mini's recipe and sampling defaults are tuned on: every reserved subject not in the test set
+# (24, the demo's robot among them).
+DEV_SUBJECTS = tuple(i for i in reserved_instances() if i not in TEST_SUBJECTS)
 
 
 def reserved_instance(key: str) -> Instance:
@@ -169,9 +185,16 @@ def noun_phrase(scene: Scene, rng: random.Random, subject_words: str | None = No
     return "a " + " ".join(words)
 
 
+ACCENT_PHRASES = ("with {} accents", "with {} trim")
+
+
 def caption(scene: Scene, rng: random.Random, subject_words: str | None = None) -> str:
-    """One of several wordings; the background, when named, always matches the picture."""
+    """One of several wordings; the background, when named, always matches the picture. The accent color
+    is named now and then, as real captions name some details; proportions and parts never are: like one
+    dog's face, they have no word, and only the pictures can teach them."""
     np = noun_phrase(scene, rng, subject_words)
+    if rng.random() < 0.2:
+        np += " " + rng.choice(ACCENT_PHRASES).format(scene.instance.accent)
     if scene.accessory:
         np += " " + rng.choice({"hat": ("wearing a hat", "with a hat"), "scarf": ("with a scarf", "wearing a scarf")}[scene.accessory])
     place = rng.choice(BACKGROUND_PHRASES[scene.background])
