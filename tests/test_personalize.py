@@ -418,3 +418,17 @@ def test_a_single_surviving_reference_image_trains_with_a_warning(tmp_path, caps
     images = load_reference_images(folder, 16)
     err = capsys.readouterr().err
     assert len(images) == 1 and "skipping ref1.png" in err and "only one usable image" in err
+
+
+def test_bfloat16_compute_keeps_trainable_weights_fp32_and_an_unknown_dtype_is_refused(tiny_backbone):
+    from tokenbooth.personalize.recipe import _autocast_for, check_train_values
+
+    weight = tiny_backbone.model.model.layers[0].self_attn.q_proj.weight
+    x = torch.randn(2, 8, weight.shape[1])
+    with _autocast_for(tiny_backbone, "bfloat16")():
+        y = tiny_backbone.model.model.layers[0].self_attn.q_proj(x)
+    assert weight.dtype == torch.float32 and y.dtype == torch.bfloat16
+    with _autocast_for(tiny_backbone, "model")():
+        assert tiny_backbone.model.model.layers[0].self_attn.q_proj(x).dtype == torch.float32
+    with pytest.raises(UserError, match="compute_dtype"):
+        check_train_values({"compute_dtype": "float8"})

@@ -36,7 +36,9 @@ FAMILIES: dict[str, FamilyDefaults] = {
     # parameters, not 7B, hence a larger stage-2 step. A personalized mini turns to noise at the paper's
     # guidance 4.0 (the stage-2 changes to the unconditional branch get amplified): 1.5 is its working value.
     "mini": FamilyDefaults(
-        train=dict(stage1_steps=250, stage1_lr=3e-3, stage2_steps=60, stage2_lr=2e-4, batch_size=8),
+        # bf16 matrix products over its fp32 weights: 2.5x faster on a CPU with AVX512-BF16.
+        train=dict(stage1_steps=250, stage1_lr=3e-3, stage2_steps=60, stage2_lr=2e-4, batch_size=8,
+                   compute_dtype="bfloat16"),
         sample=dict(cfg_scale=1.5, image_top_k=2000),
     ),
 }
