@@ -61,6 +61,8 @@ def train_tokenizer(captions: list[str], out: Path):
                                   show_progress=False)
     tok.train_from_iterator(captions, trainer)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (out / stale).unlink(missing_ok=True)  # an earlier toyCLIP's fast tokenizer would shadow the new vocabulary
     tok.model.save(str(out))
     clip_tok = CLIPTokenizer.from_pretrained(out, bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)
     clip_tok.save_pretrained(out)  # tokenizer_config.json + special_tokens_map.json: pad = <|endoftext|>, as CLIP
