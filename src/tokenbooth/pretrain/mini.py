@@ -48,7 +48,7 @@ DECODER_STEPS = 1200
 DECODER_LR = 2e-4
 
 CONTEXT = 384  # prompt (about 40 tokens) + 16 rows of 16 image tokens and a row end + the block's frame
-TRANSFORMER_STEPS = 1600
+TRANSFORMER_STEPS = 1200
 TRANSFORMER_BATCH = 48
 TRANSFORMER_LR = 1e-3
 WARMUP = 100

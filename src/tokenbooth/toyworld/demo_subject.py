@@ -16,7 +16,7 @@ FOLDER = DEMO_SUBJECT_DIR
 REFERENCE_SHOTS = (("white", "center"), ("wood", "left"), ("grass", "center"), ("brick", "right"), ("pink", "center"))
 
 
-def write_reference_images(folder: Path = FOLDER, size: int = 32) -> None:
+def write_reference_images(folder: Path = FOLDER, size: int = 64) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, (background, position) in enumerate(REFERENCE_SHOTS):
         render(Scene(SUBJECT, background, position, "large", None, seed=1000 + i), size).save(folder / f"{i}.png")
