@@ -12,7 +12,7 @@ from tokenbooth.errors import UserError
 from tokenbooth.eval.reader import (
     CONTEXT, IDENTITY, VALUES, AttributeReader, ReaderConfig, labels, load_reader, save_reader, scene_attributes,
 )
-from tokenbooth.toyworld import RESERVED, Scene, pretraining_scene, render, reserved_instances
+from tokenbooth.toyworld import RESERVED, pretraining_scene, render, reserved_instances
 
 
 def test_the_reader_reads_every_identity_and_context_attribute():
@@ -120,3 +120,19 @@ def test_the_shipped_toydino_tells_most_reserved_subjects_from_their_single_attr
 
     report = sibling_report(TOYDINO_DIR, subjects=reserved_instances()[::3])
     assert all(r["share"] >= 0.75 for r in report.values()), report
+
+
+def test_a_training_script_resumes_its_modules_and_optimizer_from_the_last_checkpoint(tmp_path):
+    from tokenbooth.pretrain.mini import resume, save_checkpoint
+
+    model, head = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=0.1)
+    head(model(torch.randn(4, 3))).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "x.ckpt", model=model.state_dict(), head=head.state_dict(), opt=opt.state_dict(), step=7)
+    model2, head2 = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+    opt2 = torch.optim.Adam([*model2.parameters(), *head2.parameters()], lr=0.1)
+    assert resume(tmp_path / "missing.ckpt", "test", opt2, model=model2, head=head2) == 0
+    assert resume(tmp_path / "x.ckpt", "test", opt2, model=model2, head=head2) == 7
+    assert torch.equal(model2.weight, model.weight) and torch.equal(head2.bias, head.bias)
+    assert opt2.state_dict()["state"][0]["exp_avg"].equal(opt.state_dict()["state"][0]["exp_avg"])

@@ -93,6 +93,18 @@ def load_checkpoint(path: Path):
     return torch.load(path, weights_only=True) if path.exists() else None
 
 
+def resume(path: Path, what: str, optimizer, **modules) -> int:
+    """Loads `path` into the optimizer and the named modules when a checkpoint is there; returns its step (0
+    for a fresh start). Checkpoints hold {"opt", "step", and one state dict per module name}."""
+    if (ck := load_checkpoint(path)) is None:
+        return 0
+    for name, module in modules.items():
+        module.load_state_dict(ck[name])
+    optimizer.load_state_dict(ck["opt"])
+    log(f"{what}: resumed at step {ck['step']}")
+    return ck["step"]
+
+
 def zero_denormals(optimizer: torch.optim.Optimizer) -> None:
     """Adam's moments for parameters that get no gradient (unused codes, unseen tokens) decay towards
     denormal floats, which CPU kernels process many times slower: the whole run slowed 10x without this.
@@ -310,12 +322,8 @@ def train_transformer(work: Path) -> None:
     no_decay = [p for p in trainable.values() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=TRANSFORMER_LR, betas=(0.9, 0.95))
-    ckpt_path, step = work / "transformer.ckpt", 0
-    if (ck := load_checkpoint(ckpt_path)) is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        step = ck["step"]
-        log(f"transformer: resumed at step {step}")
+    ckpt_path = work / "transformer.ckpt"
+    step = resume(ckpt_path, "transformer", opt, model=model)
     model.train()
     t0, running = time.time(), 0.0
     while step < TRANSFORMER_STEPS:

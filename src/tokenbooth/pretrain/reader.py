@@ -11,13 +11,11 @@ Budget on 2 cores: about 15 minutes. Resumable.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import ImageFilter
@@ -26,7 +24,7 @@ from ..assets import READER_DIR
 from ..eval.reader import RESOLUTION, VALUES, AttributeReader, accuracy, labels, save_reader, to_pixels
 from ..io import atomic_write_json
 from ..toyworld import Scene, pretraining_scene, random_scene, render, reserved_instances
-from .mini import load_checkpoint, log, save_checkpoint, zero_denormals
+from .mini import log, resume, save_checkpoint, zero_denormals
 
 STEPS = 3000
 BATCH = 64
@@ -63,12 +61,8 @@ def train(work: Path) -> AttributeReader:
     torch.manual_seed(0)
     model = AttributeReader()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
-    ckpt_path, step = work / "reader.ckpt", 0
-    if (ck := load_checkpoint(ckpt_path)) is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        step = ck["step"]
-        log(f"reader: resumed at step {step}")
+    ckpt_path = work / "reader.ckpt"
+    step = resume(ckpt_path, "reader", opt, model=model)
     model.train()
     t0 = time.time()
     while step < STEPS:

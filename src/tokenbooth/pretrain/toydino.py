@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..assets import TOYDINO_DIR
-from ..eval.metrics import IMAGENET_MEAN, IMAGENET_STD, dino_pixels, load_dino
+from ..eval.metrics import IMAGENET_MEAN, IMAGENET_STD, load_dino
 from ..io import atomic_write_json
 from ..toyworld import COLORS, RESERVED, Scene, pretraining_scene, render, reserved_instances
 from ..toyworld.world import BACKGROUNDS, PATTERNS, POSITIONS
-from .mini import load_checkpoint, log, save_checkpoint, zero_denormals
+from .mini import log, resume, save_checkpoint, zero_denormals
 
 RESOLUTION = 64
 STEPS = 1200
@@ -140,13 +140,8 @@ def train(work: Path):
     model, head = build_model(), projection_head(128)
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.05)
-    ckpt_path, step = work / "toydino.ckpt", 0
-    if (ck := load_checkpoint(ckpt_path)) is not None:
-        model.load_state_dict(ck["model"])
-        head.load_state_dict(ck["head"])
-        opt.load_state_dict(ck["opt"])
-        step = ck["step"]
-        log(f"toydino: resumed at step {step}")
+    ckpt_path = work / "toydino.ckpt"
+    step = resume(ckpt_path, "toydino", opt, model=model, head=head)
     model.train()
     t0 = time.time()
     while step < STEPS:
