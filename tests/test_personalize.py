@@ -305,13 +305,14 @@ def test_on_mini_stage1_loss_falls_and_stage2_lowers_it_further():
     mini = load_backbone("mini")
     images = load_reference_images(demo_subject.FOLDER, mini.resolution)
     with tempfile.TemporaryDirectory() as out:
-        # the demo's run: mini's defaults, 250 + 60 steps, about 40 s
+        # the demo's run: mini's defaults, 100 + 60 steps, about 50 s
         train(mini, images, TrainConfig.for_family(mini.family, class_name="robot"), Path(out), progress=False)
         log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
     stage1 = [r["loss"] for r in log if r["stage"] == "embedding"]
     stage2 = [r["loss"] for r in log if r["stage"] == "layers"]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    assert mean(stage1[-50:]) < mean(stage1[:20]) - 0.05  # [V] alone explains a little of the subject
+    # [V] alone explains a little of the subject (on the dev subjects, 0.03-0.04 nats; a frozen [V]: none)
+    assert mean(stage1[-50:]) < mean(stage1[:20]) - 0.02
     assert mean(stage2[-10:]) < mean(stage1[-50:]) - 0.3  # the layers joining explain much more
 
 

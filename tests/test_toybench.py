@@ -297,3 +297,19 @@ def test_a_missing_bundled_encoder_is_named_with_the_command_that_makes_it(tiny_
 def test_bad_subject_count(capsys, tmp_path):
     code, _, err = run_cli(capsys, "eval", "toybench", "--subjects", "0", "--output", tmp_path)
     assert code != 0 and "--subjects" in err
+
+
+def test_rows_picks_a_subset_for_tuning_and_keeps_the_references(tiny_model_dir, encoders, tmp_path, monkeypatch):
+    batches = subject_batches(monkeypatch)
+    out = tmp_path / "run"
+    assert cli(*bench_args(tiny_model_dir, encoders, out, "--rows", "two-stage-qkv,embedding")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["rows"]) == ["references", "embedding", "two-stage-qkv"]
+    assert len(batches) == STEPS["stage1"] + STEPS["stage2"]  # no joint, LoRA or prior training
+    assert sorted(p.name for p in (out / "subjects" / subjects()[0].key / "images").iterdir()) == \
+        ["embedding", "two-stage-qkv"]
+
+
+def test_an_unknown_row_is_refused_before_anything_is_written(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "eval", "toybench", "--rows", "embedding,dreambooth", "--output", tmp_path / "o")
+    assert code != 0 and "--rows" in err and "dreambooth" in err and not (tmp_path / "o").exists()

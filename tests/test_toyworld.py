@@ -48,6 +48,7 @@ def test_dev_and_test_subjects_split_the_reserved_subjects_with_one_test_subject
     assert not set(DEV_SUBJECTS) & set(TEST_SUBJECTS)
     assert set(DEV_SUBJECTS) | set(TEST_SUBJECTS) == RESERVED
     assert DEMO_SUBJECT_KEY not in {i.key for i in TEST_SUBJECTS}
+    assert sorted(i.cls for i in DEV_SUBJECTS[:12]) == sorted(CLASSES)  # a few dev subjects span the classes
 
 
 def test_captions_sometimes_name_the_accent_but_never_proportions_or_parts():

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_sampler_flags, positive_int, sampling_overrides
+from .common import add_sampling_flags, finite_float, positive_int, sampling_overrides
+
+# the training settings a tuning run may change (TrainConfig fields; validated with the rest of the config)
+TRAIN_FLAGS = {"stage1_steps": positive_int, "stage1_lr": finite_float, "stage2_steps": positive_int,
+               "stage2_lr": finite_float, "batch_size": positive_int}
 
 
 def add_parser(subparsers) -> None:
-    from ..eval.toybench import SPLITS
+    from ..eval.toybench import ROWS, SPLITS
 
     t = subparsers.add_parser("toybench", help="the paper's Table 1 on mini: ceiling, floor and ablations",
                               description="The paper's Table 1 and its ablations on mini: reserved toyworld "
@@ -22,21 +26,24 @@ def add_parser(subparsers) -> None:
     t.add_argument("--split", choices=tuple(SPLITS), default="test",
                    help="test: 12 subjects, one per class, never tuned on; dev: the 24 others (default: test)")
     t.add_argument("--subjects", type=positive_int, help="only the first N subjects of the split (default: all)")
+    t.add_argument("--rows", default=",".join(ROWS),
+                   help="comma-separated rows to run, for tuning (default: all; the references always come)")
     t.add_argument("--model", default="mini", help="the model to personalize (default: mini)")
     t.add_argument("--seed", type=int, default=0, help="of training and sampling (default: 0)")
-    t.add_argument("--stage1-steps", type=positive_int, help="(default: the model family's)")
-    t.add_argument("--stage2-steps", type=positive_int, help="(default: the model family's)")
+    for name, kind in TRAIN_FLAGS.items():
+        t.add_argument("--" + name.replace("_", "-"), type=kind, help="(default: the model family's)")
     t.add_argument("--dino", help="DINO-style encoder for the dino metric, a ViT folder (default: the bundled toyDINO)")
     t.add_argument("--clip", help="CLIP for clip_i and clip_t (default: the bundled toyCLIP)")
     t.add_argument("--reader", help="attribute reader folder for identity and prompt (default: the bundled one)")
-    add_sampler_flags(t)
+    add_sampling_flags(t)
     t.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from ..eval.toybench import ToyBenchConfig, run_toybench
 
-    train = {k: getattr(args, k) for k in ("stage1_steps", "stage2_steps") if getattr(args, k) is not None}
+    train = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     cfg = ToyBenchConfig(model=args.model, split=args.split, subjects=args.subjects, seed=args.seed, train=train,
-                         sampling=sampling_overrides(args), dino=args.dino, clip=args.clip, reader=args.reader)
+                         sampling=sampling_overrides(args), dino=args.dino, clip=args.clip, reader=args.reader,
+                         rows=tuple(r.strip() for r in args.rows.split(",") if r.strip()))
     run_toybench(cfg, args.output)

@@ -78,11 +78,14 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="mini")
     ap.add_argument("--out", type=Path, default=Path("docs"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cfg", type=float, help="guidance scale (default: the paper's, 4.0)")
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
     t0 = time.time()
     backbone = load_backbone(args.model)
-    cfg = SamplingConfig.for_family("lumina-mgpt", seed=args.seed)  # the paper's settings, for the base model
+    # the paper's settings, for the base model, unless another guidance scale is asked for
+    cfg = SamplingConfig.for_family("lumina-mgpt", seed=args.seed,
+                                    **({} if args.cfg is None else {"cfg_scale": args.cfg}))
     rng = random.Random(args.seed)
 
     held_prompts, held_asked = prompts_for(sorted(HELD_OUT_COMBOS), rng)

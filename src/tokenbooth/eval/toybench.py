@@ -98,6 +98,14 @@ class ToyBenchConfig:
     dino: str | None = None  # None: the bundled toyDINO
     clip: str | None = None  # None: the bundled toyCLIP
     reader: str | None = None  # None: the bundled attribute reader
+    rows: tuple = ROWS  # a subset for tuning runs (the references row always comes: the others score against it)
+
+
+def check_rows(rows) -> tuple:
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown or not rows:
+        raise UserError(f"--rows takes a comma-separated list of {', '.join(ROWS)} (got {','.join(rows) or 'none'})")
+    return tuple(r for r in ROWS if r in rows or r == "references")  # in the table's order
 
 
 # --- subjects, references, prompts -------------------------------------------------------------------
@@ -220,6 +228,7 @@ class Bench:
 
         self.cfg, self.out = cfg, Path(out)
         self.subjects = subjects(cfg.split, cfg.subjects)
+        self.rows = check_rows(cfg.rows)
         check_train_values(cfg.train)
         base = load_backbone(cfg.model)
         self.family = base.family
@@ -243,7 +252,7 @@ class Bench:
         from ..personalize import check_class_name
         from ..personalize.recipe import check_training_fits
 
-        for row in RECIPES:
+        for row in [r for r in RECIPES if r in self.rows]:
             for cls in sorted({inst.cls for inst in self.subjects}):
                 cfg = self.train_config(row, cls)
                 cfg.validate()
@@ -376,10 +385,10 @@ def run_subject(bench: Bench, inst) -> dict[str, list[dict]]:
     from ..images import labeled_rows
 
     refs = references(inst)
-    images = {"references": refs, **{row: drawn(bench, inst, row) for row in ROWS[1:]}}
-    grid = labeled_rows([(LABELS[row], images[row]) for row in ROWS], min_cell=64)
+    images = {"references": refs, **{row: drawn(bench, inst, row) for row in bench.rows[1:]}}
+    grid = labeled_rows([(LABELS[row], images[row]) for row in bench.rows], min_cell=64)
     atomic_save_image(grid, bench.out / "grids" / f"{inst.key}.png")
-    return {row: scored(bench, inst, row, images[row], refs) for row in ROWS}
+    return {row: scored(bench, inst, row, images[row], refs) for row in bench.rows}
 
 
 def add_seconds(out: Path, since: float) -> float:
@@ -407,7 +416,7 @@ def run_toybench(cfg: ToyBenchConfig, output: Path) -> dict:
     for inst in tqdm(bench.subjects, desc="toy-bench subjects", unit="subject"):
         per_subject.append(run_subject(bench, inst))
         clock = add_seconds(out, clock)
-    scores = {row: [s[row] for s in per_subject] for row in ROWS}
+    scores = {row: [s[row] for s in per_subject] for row in bench.rows}
     keys = [inst.key for inst in bench.subjects]
     minutes = json.loads((out / "time.json").read_text())["seconds"] / 60
     results = {"rows": summarize(scores), "subjects": keys, "minutes": round(minutes, 2),

@@ -129,8 +129,10 @@ def _test_subjects() -> tuple[Instance, ...]:
 
 TEST_SUBJECTS = _test_subjects()
 # The subjects mini's recipe and sampling defaults are tuned on: every reserved subject not in the test set
-# (24, the demo's robot among them).
-DEV_SUBJECTS = tuple(i for i in reserved_instances() if i not in TEST_SUBJECTS)
+# (24, the demo's robot among them), ordered one per class and then the second of each class, so that the
+# first N of them (`--subjects N`) span as many classes as they can.
+_DEV = [i for i in reserved_instances() if i not in TEST_SUBJECTS]
+DEV_SUBJECTS = tuple(sorted(_DEV, key=lambda i: [j for j in _DEV if j.cls == i.cls].index(i)))
 
 
 def reserved_instance(key: str) -> Instance:
