@@ -18,7 +18,7 @@ def test_generate_writes_images_grid_and_a_sidecar_with_every_setting(tiny_model
     assert sorted(p.name for p in out.iterdir()) == ["generate.json", "grid.png", "image-000.png", "image-001.png",
                                                      "image-002.png"]
     meta = json.loads((out / "generate.json").read_text())
-    assert meta["prompt"] == "a red robot on the beach" and meta["seed"] == 7 and meta["cfg_scale"] == 1.5  # the tiny model is of the mini family
+    assert meta["prompt"] == "a red robot on the beach" and meta["seed"] == 7 and meta["cfg_scale"] == 3.0  # the tiny model is of the mini family
     assert meta["image_top_k"] == 2000 and meta["model"] == str(tiny_model_dir) and "tokenbooth_version" in meta
 
 
@@ -107,11 +107,11 @@ def test_help_shows_each_familys_default_where_the_family_decides(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "lumina-mgpt 4.0 (paper), janus-pro 5.0, mini 1.5" in text and "lumina-mgpt 2000 (paper)" in text
+    assert "lumina-mgpt 4.0 (paper), janus-pro 5.0, mini 3.0" in text and "lumina-mgpt 2000 (paper)" in text
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "lumina-mgpt 1500 (paper), janus-pro 1500, mini 250" in text and "lumina-mgpt 5e-06 (paper)" in text
+    assert "lumina-mgpt 1500 (paper), janus-pro 1500, mini 100" in text and "lumina-mgpt 5e-06 (paper)" in text
 
 
 def test_transformers_is_pinned_to_the_range_the_tests_run_on():

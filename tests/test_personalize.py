@@ -296,23 +296,42 @@ def test_prior_preservation_draws_class_images_once_and_trains_on_them(tiny_mode
 
 def test_on_mini_stage1_loss_falls_and_stage2_lowers_it_further():
     """The demo subject on the real mini: the recipe must actually learn, not just run."""
+    import contextlib
     import json
     import tempfile
     from pathlib import Path
 
+    from tokenbooth.personalize.recipe import Placeholder, batch_loss, make_batch, reference_tokens
     from tokenbooth.toyworld import demo_subject
 
     mini = load_backbone("mini")
     images = load_reference_images(demo_subject.FOLDER, mini.resolution)
+    cfg = TrainConfig.for_family(mini.family, class_name="robot")
     with tempfile.TemporaryDirectory() as out:
         # the demo's run: mini's defaults, 100 + 60 steps, about 50 s
-        train(mini, images, TrainConfig.for_family(mini.family, class_name="robot"), Path(out), progress=False)
+        train(mini, images, cfg, Path(out), progress=False)
         log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+        stage1_end = Path(out) / "checkpoints" / f"step-{cfg.stage1_steps}" / "trainable.safetensors"
+        learned = load_file(str(stage1_end))["placeholder"]
+    # Stage 1 moves mini v2's loss only a few hundredths of a nat, less than the step-to-step noise of the
+    # training log; so [V] is scored before and after stage 1 on the same held batches (the base model
+    # fresh: stage 2 changed the one above in memory).
+    base = load_backbone("mini")
+    start = Placeholder(base, cfg, torch.Generator().manual_seed(cfg.seed))  # the run's own initial [V]
+    after = Placeholder(base, cfg, torch.Generator().manual_seed(cfg.seed))
+    after.embedding.data.copy_(learned)
+    codes = reference_tokens(base, images, cfg.flip)
+
+    def held_loss(placeholder):
+        generator = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            return sum(batch_loss(base, placeholder, *make_batch(base, placeholder, cfg, codes, generator, True),
+                                  contextlib.nullcontext).item() for _ in range(4)) / 4
+
+    assert held_loss(after) < held_loss(start) - 0.01  # [V] alone explains a little of the subject
     stage1 = [r["loss"] for r in log if r["stage"] == "embedding"]
     stage2 = [r["loss"] for r in log if r["stage"] == "layers"]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    # [V] alone explains a little of the subject (on the dev subjects, 0.03-0.04 nats; a frozen [V]: none)
-    assert mean(stage1[-50:]) < mean(stage1[:20]) - 0.02
     assert mean(stage2[-10:]) < mean(stage1[-50:]) - 0.3  # the layers joining explain much more
 
 
