@@ -230,6 +230,18 @@ def test_the_command_writes_results_json_with_every_row_and_metric_report_grid_a
     assert (out / "report.png").is_file() and (out / "grids" / f"{subjects()[0].key}.png").is_file()
 
 
+def test_paired_differences_are_the_difference_of_the_rows_with_their_own_interval(bench):
+    results = bench["results"]
+    for pair in ("two-stage-qkv - embedding", "two-stage-qkv - joint", "two-stage-lora - embedding"):
+        a, b = pair.split(" - ")
+        for metric in ("dino", "clip_i"):
+            figure = results["differences"][pair][metric]
+            assert figure["mean"] == pytest.approx(results["rows"][a][metric]["mean"] - results["rows"][b][metric]["mean"])
+            lo, hi = figure["ci"]
+            assert lo <= figure["mean"] + 1e-9 <= hi + 2e-9
+    assert "Paired differences" in (bench["out"] / "report.md").read_text()
+
+
 def test_stage_1_is_trained_once_per_subject_and_every_two_stage_row_continues_from_it(bench):
     stage1 = [t for t in bench["trainings"] if t[0] == "embedding"]
     assert len(stage1) == 1 and stage1[0][1] == "embedding"

@@ -206,6 +206,24 @@ def summarize(scores: dict[str, list[list[dict]]]) -> dict:
     return rows
 
 
+# The paper's comparisons as paired differences (the same subjects and prompts in both rows): the interval is
+# that of the difference itself, which two rows' overlapping intervals cannot tell.
+COMPARISONS = (("two-stage-qkv", "embedding"), ("two-stage-qkv", "joint"), ("two-stage-lora", "embedding"))
+COMPARED = ("dino", "clip_i")
+
+
+def paired_differences(scores: dict[str, list[list[dict]]]) -> dict:
+    """{"A - B": {metric: {"mean", "ci"}}} for each comparison whose two rows were run."""
+    out = {}
+    for a, b in [(a, b) for a, b in COMPARISONS if a in scores and b in scores]:
+        out[f"{a} - {b}"] = {}
+        for metric in COMPARED:
+            diffs = [[x[metric] - y[metric] for x, y in zip(mine, theirs)]
+                     for mine, theirs in zip(scores[a], scores[b])]
+            out[f"{a} - {b}"][metric] = {"mean": bench_mean(diffs), "ci": bootstrap_ci(diffs)}
+    return out
+
+
 def subject_means(scores: dict[str, list[list[dict]]], keys: list[str]) -> dict:
     """{row: {subject: {metric: mean over its images}}}."""
     def mean(images, metric):
@@ -419,7 +437,7 @@ def run_toybench(cfg: ToyBenchConfig, output: Path) -> dict:
     scores = {row: [s[row] for s in per_subject] for row in bench.rows}
     keys = [inst.key for inst in bench.subjects]
     minutes = json.loads((out / "time.json").read_text())["seconds"] / 60
-    results = {"rows": summarize(scores), "subjects": keys, "minutes": round(minutes, 2),
+    results = {"rows": summarize(scores), "differences": paired_differences(scores), "subjects": keys, "minutes": round(minutes, 2),
                "per_subject": subject_means(scores, keys), "split": cfg.split, "settings": bench.settings,
                "encoders": bench.encoders, "bootstrap": {"resamples": RESAMPLES, "seed": BOOTSTRAP_SEED,
                                                          "confidence": CONFIDENCE}}
@@ -461,6 +479,12 @@ def markdown(results: dict, bench: Bench) -> str:
     ]
     for row, figures in results["rows"].items():
         lines.append(f"| {LABELS[row]} | " + " | ".join(cell(figures[m]) for m in METRICS) + " |")
+    if results["differences"]:
+        lines += ["", "Paired differences (the same subjects and prompts in both rows; 95% bootstrap interval of the "
+                  "difference):", "", "| comparison | " + " | ".join(HEADINGS[m] for m in COMPARED) + " |",
+                  "|---" * (len(COMPARED) + 1) + "|"]
+        lines += [f"| {pair} | " + " | ".join(cell(figures[m]) for m in COMPARED) + " |"
+                  for pair, figures in results["differences"].items()]
     lines += ["", "Each cell: the mean over subjects of the mean over the subject's images, and its 95% interval "
               "from a bootstrap over subjects and their prompts (1000 resamples). toyDINO and toyCLIP-I: cosine "
               "similarity of an image to the subject's references, averaged over them (references: each against "
