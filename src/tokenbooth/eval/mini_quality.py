@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..backbones import load_backbone
+from ..commands.common import finite_float
 from ..images import make_grid
 from ..io import atomic_save_image, atomic_write_json
 from ..sampling import SamplingConfig, sample_image_tokens
@@ -78,7 +79,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="mini")
     ap.add_argument("--out", type=Path, default=Path("docs"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cfg", type=float, help="guidance scale (default: the paper's, 4.0)")
+    ap.add_argument("--cfg", type=finite_float, help="guidance scale (default: the paper's, 4.0)")
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
     t0 = time.time()

@@ -34,6 +34,8 @@ Aggregation DreamBench's: an image's similarity is its mean over the subject's r
             the mean over its images, the bench's the mean over subjects. Each figure has a 95% interval from
             a bootstrap over subjects and, within each drawn subject, over its prompts (percentile interval,
             1000 resamples, fixed seed): how far the figure would move on another draw of subjects and prompts.
+            The paper's comparisons (Q/K/V against embedding only and joint, LoRA against embedding only) also as
+            paired differences, image by image, with the interval of the difference itself.
 
     OUT/run.json                          the settings that decide the images; a restart must use the same
     OUT/subjects/KEY/adapters/ROW/        the row's training (embedding: the shared stage 1)
@@ -437,10 +439,10 @@ def run_toybench(cfg: ToyBenchConfig, output: Path) -> dict:
     scores = {row: [s[row] for s in per_subject] for row in bench.rows}
     keys = [inst.key for inst in bench.subjects]
     minutes = json.loads((out / "time.json").read_text())["seconds"] / 60
-    results = {"rows": summarize(scores), "differences": paired_differences(scores), "subjects": keys, "minutes": round(minutes, 2),
-               "per_subject": subject_means(scores, keys), "split": cfg.split, "settings": bench.settings,
-               "encoders": bench.encoders, "bootstrap": {"resamples": RESAMPLES, "seed": BOOTSTRAP_SEED,
-                                                         "confidence": CONFIDENCE}}
+    results = {"rows": summarize(scores), "differences": paired_differences(scores), "subjects": keys,
+               "minutes": round(minutes, 2), "per_subject": subject_means(scores, keys), "split": cfg.split,
+               "settings": bench.settings, "encoders": bench.encoders,
+               "bootstrap": {"resamples": RESAMPLES, "seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE}}
     report = markdown(results, bench)
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "report.md", report)
