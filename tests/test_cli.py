@@ -107,7 +107,7 @@ def test_help_shows_each_familys_default_where_the_family_decides(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "lumina-mgpt 4.0 (paper), janus-pro 5.0, mini 3.0" in text and "lumina-mgpt 2000 (paper)" in text
+    assert "lumina-mgpt 4.0 (paper), janus-pro 5.0, mini 2.0" in text and "lumina-mgpt 2000 (paper)" in text
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())

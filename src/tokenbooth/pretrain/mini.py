@@ -7,7 +7,8 @@ Four steps, each resumable and each skipped when its output exists:
   transformer  encode every scene to VQ tokens once, then train the Chameleon transformer
   decoder      sharpen the VQGAN decoder (encoder and codebook frozen, so tokens stay valid)
   export       write the model folder that `--model mini` loads
-Budget on 2 cores, alone: VQGAN about 40 min, encoding 10 min, transformer about 2.4 s a step (2 h), decoder 4 min.
+Budget on 2 cores, alone: VQGAN about 40 min, encoding 10 min, transformer about 2.5 s a step (4800 steps, 3.3 h),
+decoder 4 min: about 4.2 h in all.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ DECODER_LR = 2e-4
 CONTEXT = 384  # prompt (about 40 tokens) + 16 rows of 16 image tokens and a row end + the block's frame
 # Cosine cycles with warm restarts (steps, peak learning rate): the first 1200-step cycle left the loss still
 # falling (1.80) and prompts half-followed; a second, gentler cycle continues from it, so a run that stopped
-# after the first cycle is extended by resuming rather than retrained.
-TRANSFORMER_CYCLES = ((1200, 1e-3), (1800, 5e-4))
+# after the first cycle is extended by resuming rather than retrained. The second ended at 1.53 with objects
+# still smudged (backgrounds right 96%, colors and positions about 71%): a third, gentler still, followed.
+TRANSFORMER_CYCLES = ((1200, 1e-3), (1800, 5e-4), (1800, 3e-4))
 TRANSFORMER_STEPS = sum(steps for steps, _ in TRANSFORMER_CYCLES)
 TRANSFORMER_BATCH = 48
 WARMUP = 100
