@@ -18,7 +18,7 @@ def test_generate_writes_images_grid_and_a_sidecar_with_every_setting(tiny_model
     assert sorted(p.name for p in out.iterdir()) == ["generate.json", "grid.png", "image-000.png", "image-001.png",
                                                      "image-002.png"]
     meta = json.loads((out / "generate.json").read_text())
-    assert meta["prompt"] == "a red robot on the beach" and meta["seed"] == 7 and meta["cfg_scale"] == 3.0  # the tiny model is of the mini family
+    assert meta["prompt"] == "a red robot on the beach" and meta["seed"] == 7 and meta["cfg_scale"] == 2.0  # the tiny model is of the mini family
     assert meta["image_top_k"] == 2000 and meta["model"] == str(tiny_model_dir) and "tokenbooth_version" in meta
 
 
