@@ -204,3 +204,34 @@ def test_a_plain_sampling_run_prints_nothing_on_stderr(tiny_model_dir):
     done = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir)], capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_chameleon_attention_runs_in_float32_on_the_cpu_under_bf16_autocast_and_matches_sdpa(tiny_model_dir,
+                                                                                              monkeypatch):
+    """Why: PyTorch's CPU flash attention is slower in bf16 (benchmarks/attention.py); the switch must not
+    change what the model computes beyond bf16 rounding."""
+    from tokenbooth.backbones.hf import CPU_FLOAT32_SDPA
+
+    backbone = load_backbone(tiny_model_dir)  # a fresh model: the attention switch is the model's state
+    assert backbone.model.config._attn_implementation == CPU_FLOAT32_SDPA
+    seen, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append({q.dtype, k.dtype, v.dtype})
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids = torch.randint(3, 200, (2, 40), generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for name in (CPU_FLOAT32_SDPA, "sdpa"):
+        backbone.model.set_attn_implementation(name)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[name] = backbone.hidden_states(ids)[0].float()
+        # plain SDPA gets bf16 values (autocast then runs the kernel in bf16); the switch hands it float32 only
+        assert seen and all((dtypes == {torch.float32}) == (name == CPU_FLOAT32_SDPA) for dtypes in seen)
+    assert torch.allclose(outputs[CPU_FLOAT32_SDPA], outputs["sdpa"], atol=0.05, rtol=0.05)
+    backbone.model.set_attn_implementation(CPU_FLOAT32_SDPA)
+    seen.clear()
+    backbone.hidden_states(ids)  # float32 without autocast: plain SDPA, untouched
+    assert seen and all(dtypes == {torch.float32} for dtypes in seen)

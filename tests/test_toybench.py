@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import run_cli
 
+from tokenbooth.eval.reader import IDENTITY
 from tokenbooth.eval.toybench import (
-    METRICS, REFERENCE_SHOTS, ROWS, bench_mean, bootstrap_ci, prompts, reader_scores, reading_scores, references,
-    subjects, summarize,
+    METRICS, REFERENCE_SHOTS, ROWS, attribute_shares, bench_mean, bootstrap_ci, goals, prompted_scenes, prompts,
+    reader_scores, reading_scores, references, subjects, summarize, worded_prompt,
 )
 from tokenbooth.toyworld import DEV_SUBJECTS, RESERVED, TEST_SUBJECTS
 from tokenbooth.toyworld.world import WEARS_ACCESSORIES
@@ -83,31 +84,66 @@ class StubReader:
         return self.readings
 
 
+def figures(score: dict) -> dict:
+    return {k: v for k, v in score.items() if k != "attributes"}
+
+
 def test_identity_and_prompt_scores_reward_a_faithful_picture_and_punish_a_wrong_one():
     inst, sibling = subjects()[0], next(s for s in RESERVED if s.cls == subjects()[0].cls and s != subjects()[0])
     asks = [p["asks"] for p in prompts(inst)]
     faithful = reader_scores(StubReader([faithful_reading(inst, a) for a in asks]), [None] * 12, inst, asks)
-    assert all(s == {"identity": 1.0, "identity_all": 1.0, "prompt": 1.0} for s in faithful)
+    assert all(figures(s) == {"identity": 1.0, "identity_all": 1.0, "prompt": 1.0} for s in faithful)
     # the sibling, on a reference's background, without the asked accessory: identity and prompt both fall
     wrong = reader_scores(StubReader([faithful_reading(sibling, None) for _ in asks]), [None] * 12, inst, asks)
     assert all(s["identity"] < 1 and s["identity_all"] == 0 and s["prompt"] < 1 for s in wrong)
     one_off = reading_scores({**faithful_reading(inst, asks[0]), "variant": (inst.variant + 1) % 3}, inst, asks[0])
-    assert one_off == {"identity": 5 / 6, "identity_all": 0.0, "prompt": 1.0}
+    assert figures(one_off) == {"identity": 5 / 6, "identity_all": 0.0, "prompt": 1.0}
+    assert one_off["attributes"] == {a: a != "variant" for a in IDENTITY}  # which one it missed
 
 
 def test_a_color_prompt_takes_the_body_color_out_of_identity():
     inst = subjects()[0]
     recolor = next(p["asks"] for p in prompts(inst) if p["kind"] == "color")
     obeyed = reading_scores(faithful_reading(inst, recolor), inst, recolor)
-    assert obeyed == {"identity": 1.0, "identity_all": 1.0, "prompt": 1.0}
+    assert figures(obeyed) == {"identity": 1.0, "identity_all": 1.0, "prompt": 1.0}
+    assert "color" not in obeyed["attributes"] and len(obeyed["attributes"]) == len(IDENTITY) - 1
     ignored = reading_scores(faithful_reading(inst, {"background": recolor["background"]}), inst, recolor)
-    assert ignored == {"identity": 1.0, "identity_all": 1.0, "prompt": 0.5}  # the old color: the prompt half missed
+    assert figures(ignored) == {"identity": 1.0, "identity_all": 1.0, "prompt": 0.5}  # the old color: the prompt half missed
 
 
 def test_a_reference_is_scored_for_identity_and_answers_no_prompt():
     inst = subjects()[0]
-    assert reading_scores(faithful_reading(inst, None), inst, None) == {"identity": 1.0, "identity_all": 1.0,
-                                                                        "prompt": None}
+    assert figures(reading_scores(faithful_reading(inst, None), inst, None)) == {"identity": 1.0, "identity_all": 1.0,
+                                                                                 "prompt": None}
+
+
+def test_the_oracle_renders_each_prompt_with_the_subject_itself():
+    from tokenbooth.toyworld import render
+
+    for inst in (subjects()[0], next(s for s in subjects() if s.cls in WEARS_ACCESSORIES)):
+        scenes = prompted_scenes(inst)
+        assert len(scenes) == 12 and len({render(s, 64).tobytes() for s in scenes}) == 12
+        for scene, p in zip(scenes, prompts(inst)):
+            asks = p["asks"]
+            assert scene.background == asks["background"] and scene.accessory == asks.get("accessory")
+            assert scene.instance.color == asks.get("color", inst.color)
+            assert all(getattr(scene.instance, a) == getattr(inst, a) for a in IDENTITY if a != "color")
+
+
+def test_the_words_line_spells_out_every_nameable_attribute_and_nothing_else():
+    from tokenbooth.toyworld.world import PATTERN_WORDS
+
+    plain = next(s for s in RESERVED if s.pattern == "plain")
+    patterned = next(s for s in RESERVED if s.pattern != "plain")
+    for inst in (plain, patterned):
+        for p in prompts(inst):
+            text = worded_prompt(p, inst)
+            assert "[V]" not in text and f"{inst.cls} with {inst.accent} accents" in text
+            color = p["asks"].get("color", inst.color)  # an asked color replaces the body's
+            pattern = [] if inst.pattern == "plain" else [PATTERN_WORDS[inst.pattern]]  # captions never say plain
+            assert text.startswith(" ".join(["a", color, *pattern, inst.cls, "with"]))
+            assert text.endswith(p["text"].split(f"[V] {inst.cls}")[1])  # the rest of the prompt unchanged
+    assert worded_prompt(prompts(plain)[0], plain).startswith(f"a {plain.color} {plain.cls} with")
 
 
 # --- aggregation ----------------------------------------------------------------------------------------
@@ -139,6 +175,37 @@ def test_the_summary_has_every_metric_of_every_row_and_none_where_a_row_has_no_s
     rows = summarize({"references": [[reference] * 4] * 2, "base": [[image] * 12] * 2})
     assert rows["references"]["clip_t"] == {"mean": None, "ci": None} and rows["references"]["prompt"]["ci"] is None
     assert rows["base"]["prompt"] == {"mean": 0.5, "ci": [0.5, 0.5]}
+
+
+def test_attribute_shares_count_each_identity_attribute_over_every_image():
+    inst = subjects()[0]
+    right = reading_scores(faithful_reading(inst, None), inst, None)
+    wrong_variant = reading_scores({**faithful_reading(inst, None), "variant": (inst.variant + 1) % 3}, inst, None)
+    shares = attribute_shares({"base": [[right, wrong_variant], [wrong_variant, wrong_variant]]})["base"]
+    assert shares["variant"] == 0.25 and all(shares[a] == 1.0 for a in IDENTITY if a != "variant")
+
+
+def figure(mean):
+    return {"mean": mean, "ci": [mean - 0.01, mean + 0.01]}
+
+
+def table(**means) -> dict:
+    return {row: {m: figure(v) for m in METRICS} for row, v in means.items()}
+
+
+def test_the_goals_say_met_only_where_the_figures_reach_them():
+    rows = table(references=1.0, base=0.5, embedding=0.6, joint=0.7)
+    rows["two-stage-qkv"] = {m: figure(0.91) for m in METRICS}
+    rows["two-stage-qkv"]["clip_t"] = figure(0.46)  # 92% of base's 0.5: more than 5% lost
+    gap = {"two-stage-qkv - embedding": {"dino": {"mean": 0.31, "ci": [0.02, 0.5]}}}
+    met = {name: g["met"] for name, g in goals(rows, gap).items()}
+    assert met == {"fidelity, share of the references' ceiling": True,
+                   "fidelity above embedding only (paired interval's low end)": True,
+                   "joint below two-stage (toyDINO margin)": True,
+                   "toyCLIP-T kept, share of base": False, "prompt kept, share of base": True}
+    straddling = {"two-stage-qkv - embedding": {"dino": {"mean": 0.31, "ci": [-0.01, 0.5]}}}
+    assert not goals(rows, straddling)["fidelity above embedding only (paired interval's low end)"]["met"]
+    assert goals(table(references=1.0, base=0.5), {}) == {}  # no Q/K/V row run: no goal to judge
 
 
 # --- the command on the tiny model ----------------------------------------------------------------------
@@ -192,6 +259,24 @@ def subject_batches(monkeypatch, interrupt_at: int | None = None) -> list:
     return calls
 
 
+def short_words(monkeypatch):
+    """The words line's prompts with the accent phrase left out: the full ones overflow the tiny model's
+    160-token context (its tokenizer has 40 merges), and the line's plumbing is what is tested here."""
+    import tokenbooth.eval.toybench as toybench
+
+    real = toybench.worded_prompt
+    monkeypatch.setattr(toybench, "worded_prompt",
+                        lambda asked, inst: real(asked, inst).replace(f" with {inst.accent} accents", ""))
+
+
+def test_the_words_line_is_left_out_where_its_prompts_do_not_fit_the_context(tiny_backbone):
+    from tokenbooth.backbones import load_backbone
+    from tokenbooth.eval.toybench import words_fit
+
+    assert not words_fit(tiny_backbone, subjects())
+    assert words_fit(load_backbone("mini"), subjects() + subjects("dev"))
+
+
 @pytest.fixture(scope="module")
 def bench(tiny_model_dir, encoders, tmp_path_factory):
     """One uninterrupted run, with the training runs it started and the subject batches they drew."""
@@ -206,6 +291,7 @@ def bench(tiny_model_dir, encoders, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(personalize, "train", spy)
+        short_words(mp)
         batches = subject_batches(mp)
         assert cli(*bench_args(tiny_model_dir, encoders, out)) == 0
     return {"out": out, "results": json.loads((out / "results.json").read_text()), "trainings": trainings,
@@ -225,8 +311,14 @@ def test_the_command_writes_results_json_with_every_row_and_metric_report_grid_a
             else:
                 lo, hi = figure["ci"]
                 assert lo <= figure["mean"] + 1e-9 and figure["mean"] <= hi + 1e-9
+    assert list(results["oracle"]) == list(METRICS)  # scored like a row, kept out of "rows"
+    assert list(results["words"]) == list(METRICS)
+    assert len(list((out / "subjects" / subjects()[0].key / "images" / "words").glob("*.png"))) == 12
+    assert list(results["identity_by_attribute"]) == [*ROWS, "words", "oracle"]
+    assert all(list(shares) == list(IDENTITY) for shares in results["identity_by_attribute"].values())
+    assert results["goals"] and all(g.keys() == {"value", "target", "met"} for g in results["goals"].values())
     report = (out / "report.md").read_text()
-    assert all(row in report for row in ("Q/K/V", "LoRA", "prior", "ceiling", "floor"))
+    assert all(row in report for row in ("Q/K/V", "LoRA", "prior", "ceiling", "floor", "words", "oracle", "Goals"))
     assert (out / "report.png").is_file() and (out / "grids" / f"{subjects()[0].key}.png").is_file()
 
 
@@ -263,9 +355,11 @@ def test_a_restart_reuses_every_finished_adapter_image_and_score(bench, tiny_mod
     monkeypatch.setattr(personalize, "train", refuse)
     monkeypatch.setattr(sampling, "draw", refuse)
     monkeypatch.setattr(toybench, "reader_scores", refuse)
+    short_words(monkeypatch)
     assert cli(*bench_args(tiny_model_dir, encoders, bench["out"])) == 0
     again = json.loads((bench["out"] / "results.json").read_text())
     assert again["rows"] == bench["results"]["rows"] and again["per_subject"] == bench["results"]["per_subject"]
+    assert again["words"] == bench["results"]["words"] and again["oracle"] == bench["results"]["oracle"]
 
 
 def test_a_run_killed_halfway_and_restarted_gives_the_uninterrupted_results(bench, tiny_model_dir, encoders,

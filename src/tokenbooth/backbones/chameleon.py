@@ -96,7 +96,10 @@ class ChameleonSpec:
 
 class ChameleonBackbone(ImageLogits):
     def __init__(self, name: str, model, tokenizer, vqgan: VQGAN, spec: ChameleonSpec, folder: Path | None = None):
+        from .hf import use_float32_attention_on_cpu
+
         self.name, self.model, self.tokenizer, self.spec = name, model, tokenizer, spec
+        use_float32_attention_on_cpu(model)  # mini and Lumina-mGPT train under bf16 autocast
         self.folder = folder  # where the weights came from: adapters record its fingerprint
         self.device = model.model.embed_tokens.weight.device  # where inputs go (the first layer's device)
         self.vqgan = vqgan.to(self.device)

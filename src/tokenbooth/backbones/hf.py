@@ -126,6 +126,35 @@ def load_pretrained(cls, folder: Path, *, dtype=None, device: str | None = None,
     return model.eval(), [m for m in mismatched if m not in refused]
 
 
+CPU_FLOAT32_SDPA = "tokenbooth_sdpa"  # the attention_implementation name `use_float32_attention_on_cpu` registers
+
+
+def float32_sdpa_on_cpu(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, computed in float32 on the CPU where it would run in bfloat16 (autocast,
+    or a bfloat16 model; Chameleon's rotary embedding already hands float32 queries and keys): PyTorch's CPU
+    flash-attention kernel is slower in bfloat16 than in float32 (1.3-1.4x at mini's training shapes,
+    benchmarks/attention.py), and float32 is the more precise. On a GPU, or for float32 input, plain SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    lowered = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if query.device.type != "cpu" or not (lowered or value.dtype == torch.bfloat16):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):  # autocast would cast SDPA's inputs back to bfloat16
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              **kwargs)
+    return out.to(value.dtype), weights
+
+
+def use_float32_attention_on_cpu(model) -> None:
+    """Switches a transformers model to `float32_sdpa_on_cpu` (registered with transformers once, by name)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(CPU_FLOAT32_SDPA, float32_sdpa_on_cpu)
+    model.set_attn_implementation(CPU_FLOAT32_SDPA)
+
+
 def read_tensors(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
     """Selected tensors straight from a folder's safetensors files (single or sharded)."""
     from safetensors import safe_open

@@ -17,6 +17,14 @@ Rows        references       each reference against the other references: the ce
             two-stage-qkv    stage 1, then Q/K/V (the paper's method)
             two-stage-lora   stage 1, then LoRA on Q/K/V
             two-stage-prior  two-stage Q/K/V with prior preservation
+            Two more lines, scored like rows and kept apart from "rows" in results.json (not methods):
+            words            the base model told every attribute a caption can name: [V] spelled out as body
+                             color, pattern and accent color ("a brown robot with purple accents on the
+                             beach"): what text alone carries. Proportions and parts have no word.
+            oracle           toyworld's own render of what each prompt asks, the subject exactly (its asked
+                             color), centered: what a perfect model would score, i.e. how much of the
+                             references' ceiling the prompts leave reachable (a new background or body color
+                             moves every metric)
             Stage 1 is trained once per subject (the embedding row) and every two-stage row continues from it
             (`train(stage1_from=...)`, bitwise the run that trains its own): the rows differ in stage 2 alone.
             Training and sampling use the model family's defaults (backbones/families.py).
@@ -51,8 +59,9 @@ uninterrupted run.
 from __future__ import annotations
 
 import json
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +69,7 @@ import numpy as np
 from ..errors import UserError
 from ..io import atomic_save_image, atomic_write_json, atomic_write_text, check_can_create, read_json_object
 from ..toyworld import DEV_SUBJECTS, TEST_SUBJECTS, Scene, render
-from ..toyworld.world import BACKGROUND_PHRASES, WEARS_ACCESSORIES
+from ..toyworld.world import ACCENT_PHRASES, BACKGROUND_PHRASES, PATTERN_WORDS, WEARS_ACCESSORIES
 from . import metrics
 from .reader import IDENTITY
 
@@ -74,6 +83,9 @@ RECIPES = {
     "two-stage-lora": dict(stages="two-stage", layers="lora"),
     "two-stage-prior": dict(stages="two-stage", layers="qkv", prior_preservation=True),
 }
+WORDS = "words"  # the base model with every attribute a caption can name
+ORACLE = "oracle"  # toyworld's render of each prompt
+EXTRAS = (WORDS, ORACLE)  # scored like rows, reported apart: not methods
 STAGE1_ROW = "embedding"  # its training is the stage 1 every two-stage row continues from
 SPLITS = {"test": TEST_SUBJECTS, "dev": DEV_SUBJECTS}
 PLACEHOLDER = "[V]"
@@ -148,6 +160,32 @@ def prompts(inst) -> list[dict]:
     return out
 
 
+def worded_prompt(asked: dict, inst) -> str:
+    """The words line's prompt: [V] spelled out in every word a pretraining caption may use for the subject,
+    its body color (unless the prompt asks for another), pattern and accent color, as captions word them."""
+    words = [] if "color" in asked["asks"] else [inst.color]
+    if inst.pattern != "plain":  # captions never say "plain"
+        words.append(PATTERN_WORDS[inst.pattern])
+    subject = " ".join([*words, inst.cls, ACCENT_PHRASES[0].format(inst.accent)])
+    return asked["text"].replace(f"{PLACEHOLDER} {inst.cls}", subject)
+
+
+def words_fit(backbone, insts) -> bool:
+    """Whether every words prompt fits the model's context with its image (the longest prompts of the bench)."""
+    longest = max((worded_prompt(p, inst) for inst in insts for p in prompts(inst)),
+                  key=lambda text: len(backbone.prompt_ids(text)))
+    return len(backbone.prompt_ids(longest)) + backbone.layout.body_length <= backbone.max_length
+
+
+def prompted_scenes(inst) -> list[Scene]:
+    """The oracle's pictures: each prompt's asks rendered by toyworld with the subject itself."""
+    out = []
+    for i, asked in enumerate(p["asks"] for p in prompts(inst)):
+        subject = replace(inst, color=asked["color"]) if "color" in asked else inst
+        out.append(Scene(subject, asked["background"], "center", "large", asked.get("accessory"), seed=3000 + i))
+    return out
+
+
 def class_prompt(text: str) -> str:
     """The base row's prompt: the class word alone ("a [V] robot in the snow" -> "a robot in the snow")."""
     return metrics.remove_placeholder(text, PLACEHOLDER)
@@ -156,13 +194,15 @@ def class_prompt(text: str) -> str:
 # --- the reader's scores ------------------------------------------------------------------------------
 
 def reading_scores(reading: dict, inst, asks: dict | None) -> dict:
-    """identity, identity_all and prompt of one picture, from what the reader read in it. asks: what its
-    prompt asked for (None for a reference, which answers no prompt)."""
+    """identity, identity_all and prompt of one picture, from what the reader read in it, and which identity
+    attributes it read right ("attributes"). asks: what its prompt asked for (None for a reference, which
+    answers no prompt)."""
     # an identity attribute the prompt asks to change (the body color) is no longer the subject's to keep
     kept = [a for a in IDENTITY if a not in (asks or {})]
     right = [reading[a] == getattr(inst, a) for a in kept]
     return {"identity": sum(right) / len(right), "identity_all": float(all(right)),
-            "prompt": None if asks is None else sum(reading[a] == v for a, v in asks.items()) / len(asks)}
+            "prompt": None if asks is None else sum(reading[a] == v for a, v in asks.items()) / len(asks),
+            "attributes": dict(zip(kept, right))}
 
 
 def reader_scores(reader, images, inst, asks: list[dict | None]) -> list[dict]:
@@ -226,6 +266,41 @@ def paired_differences(scores: dict[str, list[list[dict]]]) -> dict:
     return out
 
 
+def goals(rows: dict, differences: dict) -> dict:
+    """Issue #10's goals for the paper's row, each {"value", "target", "met"}; a goal whose rows were not run
+    is left out. Fidelity is toyDINO (DINO's role)."""
+    out = {}
+    qkv, refs, base = rows.get("two-stage-qkv"), rows["references"], rows.get("base")
+    if qkv is None:
+        return out
+    share = qkv["dino"]["mean"] / refs["dino"]["mean"]
+    out["fidelity, share of the references' ceiling"] = {"value": share, "target": ">= 0.90", "met": share >= 0.9}
+    gap = differences.get("two-stage-qkv - embedding")
+    if gap:
+        out["fidelity above embedding only (paired interval's low end)"] = {
+            "value": gap["dino"]["ci"][0], "target": "> 0", "met": gap["dino"]["ci"][0] > 0}
+    if "joint" in rows:
+        margin = qkv["dino"]["mean"] - rows["joint"]["dino"]["mean"]
+        out["joint below two-stage (toyDINO margin)"] = {"value": margin, "target": "> 0", "met": margin > 0}
+    for metric in ("clip_t", "prompt") if base else ():
+        kept = qkv[metric]["mean"] / base[metric]["mean"]
+        out[f"{HEADINGS[metric]} kept, share of base"] = {"value": kept, "target": ">= 0.95", "met": kept >= 0.95}
+    return out
+
+
+def attribute_shares(scores: dict[str, list[list[dict]]]) -> dict:
+    """{row: {identity attribute: share of images read right}}, over every subject's images: which parts of
+    the identity a row carries (the reader's identity figure averages them)."""
+    out = {}
+    for row, per_subject in scores.items():
+        right = {a: [] for a in IDENTITY}
+        for image in (image for images in per_subject for image in images):
+            for a, ok in image["attributes"].items():
+                right[a].append(ok)
+        out[row] = {a: float(np.mean(v)) if v else None for a, v in right.items()}
+    return out
+
+
 def subject_means(scores: dict[str, list[list[dict]]], keys: list[str]) -> dict:
     """{row: {subject: {metric: mean over its images}}}."""
     def mean(images, metric):
@@ -256,6 +331,10 @@ class Bench:
         self.sampling.validate()
         check_sampler(self.sampling, base.layout.body_length)
         self.check_recipes(base)
+        self.extras = EXTRAS if words_fit(base, self.subjects) else (ORACLE,)
+        if WORDS not in self.extras:
+            print(f"tokenbooth: warning: toy-bench leaves out the words line: its prompts do not fit "
+                  f"{base.name}'s context of {base.max_length} tokens", file=sys.stderr)
         check_can_create(self.out, "output folder", folder=True)
         self.settings = self.decisive_settings(base)
         check_settings(self.out, self.settings, write=False)  # refused before the encoders load
@@ -366,6 +445,8 @@ def drawn(bench: Bench, inst, row: str) -> list:
         return metrics.read_images(files)
     if row == "base":
         model, texts = load_backbone(bench.cfg.model), [class_prompt(p["text"]) for p in asked]
+    elif row == WORDS:
+        model, texts = load_backbone(bench.cfg.model), [worded_prompt(p, inst) for p in asked]
     else:
         model = load_adapter(load_backbone(bench.cfg.model), adapter(bench, inst, row))
         texts = [p["text"] for p in asked]
@@ -382,8 +463,8 @@ def scored(bench: Bench, inst, row: str, images: list, refs: list) -> list[dict]
     path = bench.folder(inst) / "scores" / f"{row}.json"
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved["encoders"] == bench.encoders:
-            return saved["images"]
+        if saved["encoders"] == bench.encoders and all("attributes" in image for image in saved["images"]):
+            return saved["images"]  # (scores from before the per-attribute readings are made again)
     if row == "references":
         similar = bench.scorer.score(refs, refs)["real"]  # each reference against the others
         read = reader_scores(bench.reader, refs, inst, [None] * len(refs))
@@ -405,10 +486,13 @@ def run_subject(bench: Bench, inst) -> dict[str, list[dict]]:
     from ..images import labeled_rows
 
     refs = references(inst)
-    images = {"references": refs, **{row: drawn(bench, inst, row) for row in bench.rows[1:]}}
-    grid = labeled_rows([(LABELS[row], images[row]) for row in bench.rows], min_cell=64)
+    drawn_rows = (*bench.rows[1:], *(line for line in bench.extras if line != ORACLE))
+    images = {"references": refs, **{row: drawn(bench, inst, row) for row in drawn_rows},
+              ORACLE: [render(scene, REFERENCE_SIZE) for scene in prompted_scenes(inst)]}
+    shown = (*bench.rows, *bench.extras)
+    grid = labeled_rows([(LABELS[row], images[row]) for row in shown], min_cell=64)
     atomic_save_image(grid, bench.out / "grids" / f"{inst.key}.png")
-    return {row: scored(bench, inst, row, images[row], refs) for row in bench.rows}
+    return {row: scored(bench, inst, row, images[row], refs) for row in shown}
 
 
 def add_seconds(out: Path, since: float) -> float:
@@ -437,9 +521,13 @@ def run_toybench(cfg: ToyBenchConfig, output: Path) -> dict:
         per_subject.append(run_subject(bench, inst))
         clock = add_seconds(out, clock)
     scores = {row: [s[row] for s in per_subject] for row in bench.rows}
+    extras = {line: [s[line] for s in per_subject] for line in bench.extras}
     keys = [inst.key for inst in bench.subjects]
     minutes = json.loads((out / "time.json").read_text())["seconds"] / 60
-    results = {"rows": summarize(scores), "differences": paired_differences(scores), "subjects": keys,
+    rows, differences = summarize(scores), paired_differences(scores)
+    results = {"rows": rows, **summarize(extras), "differences": differences, "goals": goals(rows, differences),
+               "identity_by_attribute": attribute_shares({**scores, **extras}),
+               "subjects": keys,
                "minutes": round(minutes, 2), "per_subject": subject_means(scores, keys), "split": cfg.split,
                "settings": bench.settings, "encoders": bench.encoders,
                "bootstrap": {"resamples": RESAMPLES, "seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE}}
@@ -456,7 +544,8 @@ def run_toybench(cfg: ToyBenchConfig, output: Path) -> dict:
 
 LABELS = {"references": "references (ceiling)", "base": "base, class word (floor)",
           "embedding": "embedding (stage 1)", "joint": "joint from step 0", "two-stage-qkv": "two-stage, Q/K/V",
-          "two-stage-lora": "two-stage, LoRA", "two-stage-prior": "two-stage, prior pres."}
+          "two-stage-lora": "two-stage, LoRA", "two-stage-prior": "two-stage, prior pres.",
+          WORDS: "words: every nameable attribute", ORACLE: "oracle: the prompt rendered"}
 HEADINGS = {"dino": "toyDINO", "clip_i": "toyCLIP-I", "clip_t": "toyCLIP-T", "identity": "identity",
             "identity_all": "identity, all", "prompt": "prompt"}
 
@@ -487,6 +576,27 @@ def markdown(results: dict, bench: Bench) -> str:
                   "|---" * (len(COMPARED) + 1) + "|"]
         lines += [f"| {pair} | " + " | ".join(cell(figures[m]) for m in COMPARED) + " |"
                   for pair, figures in results["differences"].items()]
+    lines += ["", "Two lines that are not methods, scored the same way: **words**, the base model told every "
+              "attribute a caption can name ([V] spelled out as body color, pattern and accent color: what text "
+              "alone carries; proportions and parts have no word), and the **oracle**, toyworld's own render of "
+              "what each prompt asks, the subject exactly: what a perfect model would score against these "
+              "references, the prompts' new backgrounds and colors included.", "",
+              "| line | " + " | ".join(HEADINGS[m] for m in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    lines += [f"| {LABELS[line]} | " + " | ".join(cell(results[line][m]) for m in METRICS) + " |"
+              for line in EXTRAS if line in results]
+    if "two-stage-qkv" in results["rows"]:
+        share = results["rows"]["two-stage-qkv"]["dino"]["mean"] / results[ORACLE]["dino"]["mean"]
+        lines += ["", f"Two-stage Q/K/V's toyDINO is {share:.0%} of the oracle's."]
+    shares = results["identity_by_attribute"]
+    lines += ["", "Identity, attribute by attribute (share of images the reader reads right; the body color "
+              "left out where the prompt asks for another):", "",
+              "| row | " + " | ".join(IDENTITY) + " |", "|---" * (len(IDENTITY) + 1) + "|"]
+    lines += [f"| {LABELS[row]} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in by.values()) + " |"
+              for row, by in shares.items()]
+    if results["goals"]:
+        lines += ["", "Goals (issue #10) for two-stage Q/K/V:", "", "| goal | value | target | met |", "|---|---|---|---|"]
+        lines += [f"| {name} | {g['value']:.3f} | {g['target']} | {'yes' if g['met'] else 'no'} |"
+                  for name, g in results["goals"].items()]
     lines += ["", "Each cell: the mean over subjects of the mean over the subject's images, and its 95% interval "
               "from a bootstrap over subjects and their prompts (1000 resamples). toyDINO and toyCLIP-I: cosine "
               "similarity of an image to the subject's references, averaged over them (references: each against "
