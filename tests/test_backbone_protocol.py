@@ -235,3 +235,21 @@ def test_chameleon_attention_runs_in_float32_on_the_cpu_under_bf16_autocast_and_
     seen.clear()
     backbone.hidden_states(ids)  # float32 without autocast: plain SDPA, untouched
     assert seen and all(dtypes == {torch.float32} for dtypes in seen)
+
+
+def test_the_float32_attention_masks_a_left_padded_batch_as_sdpa_does(tiny_model_dir):
+    """A padded batch (what sampling several prompts builds) must give what plain SDPA gives: the attention's
+    mask builder is registered with it, or transformers passes the raw padding mask and drops causality."""
+    from tokenbooth.backbones.hf import CPU_FLOAT32_SDPA
+
+    backbone = load_backbone(tiny_model_dir)
+    ids = torch.randint(3, 200, (2, 30), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # the second prompt is shorter: left padding
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    outputs = {}
+    for name in (CPU_FLOAT32_SDPA, "sdpa"):
+        backbone.model.set_attn_implementation(name)
+        outputs[name] = backbone.hidden_states(ids, attention_mask=mask, position_ids=positions)[0]
+    backbone.model.set_attn_implementation(CPU_FLOAT32_SDPA)
+    assert torch.allclose(outputs[CPU_FLOAT32_SDPA][:, 7:], outputs["sdpa"][:, 7:], atol=1e-5)

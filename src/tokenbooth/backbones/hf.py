@@ -148,10 +148,14 @@ def float32_sdpa_on_cpu(module, query, key, value, attention_mask, **kwargs):
 
 
 def use_float32_attention_on_cpu(model) -> None:
-    """Switches a transformers model to `float32_sdpa_on_cpu` (registered with transformers once, by name)."""
+    """Switches a transformers model to `float32_sdpa_on_cpu`, registered with transformers by name together
+    with SDPA's mask builder: without one, transformers hands an unknown implementation the raw 2-D padding
+    mask, and a padded batch attends without causality."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(CPU_FLOAT32_SDPA, float32_sdpa_on_cpu)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(CPU_FLOAT32_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     model.set_attn_implementation(CPU_FLOAT32_SDPA)
 
 
