@@ -234,7 +234,10 @@ def lumina(lumina_dir, vqgan_env):
 
 def test_lumina_checkpoint_loads_into_transformers_chameleon_in_bf16_with_sdpa(lumina, lumina_dir):
     model = lumina.model
-    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "sdpa"
+    from tokenbooth.backbones.hf import CPU_FLOAT32_SDPA
+
+    # SDPA, computed in float32 where the CPU would run it in bf16 (backbones/hf.float32_sdpa_on_cpu)
+    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == CPU_FLOAT32_SDPA
     stored = {}
     for shard in set(json.loads((lumina_dir / "model.safetensors.index.json").read_text())["weight_map"].values()):
         stored.update(load_file(str(lumina_dir / shard)))
