@@ -132,8 +132,9 @@ CPU_FLOAT32_SDPA = "tokenbooth_sdpa"  # the attention_implementation name `use_f
 def float32_sdpa_on_cpu(module, query, key, value, attention_mask, **kwargs):
     """transformers' SDPA attention, computed in float32 on the CPU where it would run in bfloat16 (autocast,
     or a bfloat16 model; Chameleon's rotary embedding already hands float32 queries and keys): PyTorch's CPU
-    flash-attention kernel is slower in bfloat16 than in float32 (1.3-1.4x at mini's training shapes,
-    benchmarks/attention.py), and float32 is the more precise. On a GPU, or for float32 input, plain SDPA."""
+    flash-attention kernel is slower in bfloat16 than in float32 (about 1.37x at mini's training shapes; whole
+    training steps 1.07-1.13x faster, benchmarks/attention.py), and float32 is the more precise. On a GPU, or
+    for float32 input, plain SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     lowered = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16

@@ -172,9 +172,8 @@ def worded_prompt(asked: dict, inst) -> str:
 
 def words_fit(backbone, insts) -> bool:
     """Whether every words prompt fits the model's context with its image (the longest prompts of the bench)."""
-    longest = max((worded_prompt(p, inst) for inst in insts for p in prompts(inst)),
-                  key=lambda text: len(backbone.prompt_ids(text)))
-    return len(backbone.prompt_ids(longest)) + backbone.layout.body_length <= backbone.max_length
+    longest = max(len(backbone.prompt_ids(worded_prompt(p, inst))) for inst in insts for p in prompts(inst))
+    return longest + backbone.layout.body_length <= backbone.max_length
 
 
 def prompted_scenes(inst) -> list[Scene]:
