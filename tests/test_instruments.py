@@ -150,3 +150,18 @@ def test_mini_transformer_schedule_warms_up_decays_and_restarts_at_each_cycle():
         assert max(transformer_lr(s) for s in range(start, start + steps)) <= peak
         start += steps
     assert start == TRANSFORMER_STEPS and transformer_lr(TRANSFORMER_STEPS) == 0.0
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--temperature", "0"], "--temperature"),
+    (["--top-k", "0"], "--top-k"),
+    (["--sjd-window", "4"], "--sjd-window"),
+])
+def test_mini_quality_refuses_a_bad_sampling_flag_in_one_line_before_loading_a_model(argv, names, tmp_path, capsys):
+    from tokenbooth.eval import mini_quality
+
+    with pytest.raises(SystemExit) as stop:  # a model that does not exist: the flag is refused first
+        mini_quality.main(["--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), *argv])
+    message = str(stop.value.code)
+    assert message.startswith("tokenbooth: error:") and names in message and "\n" not in message
+    assert not (tmp_path / "out").exists()

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from ..backbones import load_backbone
-from ..commands.common import finite_float
+from ..commands.common import add_sampling_flags, sampling_overrides
+from ..errors import UserError
 from ..images import make_grid
 from ..io import atomic_save_image, atomic_write_json
 from ..sampling import SamplingConfig, sample_image_tokens
@@ -79,14 +81,20 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="mini")
     ap.add_argument("--out", type=Path, default=Path("docs"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cfg", type=finite_float, help="guidance scale (default: the paper's, 4.0)")
+    add_sampling_flags(ap)
     args = ap.parse_args(argv)
+    try:
+        measure(args)
+    except UserError as e:
+        sys.exit(f"tokenbooth: error: {e}")
+
+
+def measure(args) -> None:
     torch.set_flush_denormal(True)
     t0 = time.time()
+    overrides = sampling_overrides(args)  # checked before the model loads
     backbone = load_backbone(args.model)
-    # the paper's settings, for the base model, unless another guidance scale is asked for
-    cfg = SamplingConfig.for_family("lumina-mgpt", seed=args.seed,
-                                    **({} if args.cfg is None else {"cfg_scale": args.cfg}))
+    cfg = SamplingConfig.for_family(backbone.family, seed=args.seed, **overrides)  # mini's defaults unless asked
     rng = random.Random(args.seed)
 
     held_prompts, held_asked = prompts_for(sorted(HELD_OUT_COMBOS), rng)
