@@ -452,3 +452,56 @@ def test_bfloat16_compute_keeps_trainable_weights_fp32_and_an_unknown_dtype_is_r
         assert tiny_backbone.model.model.layers[0].self_attn.q_proj(x).dtype == torch.float32
     with pytest.raises(UserError, match="compute_dtype"):
         check_train_values({"compute_dtype": "float8"})
+
+
+def test_several_vectors_learn_one_row_each_and_reload_into_the_same_images(tiny_model_dir, refs, tmp_path):
+    """--num-vectors 3: [V] becomes three reserved tokens; each learns its own row, the adapter holds a (3, width)
+    matrix, and base + adapter draws what the trained model draws."""
+    trained = load_backbone(str(tiny_model_dir))
+    out = train(trained, refs, quick(num_vectors=3, checkpointing_steps=2), tmp_path / "a", progress=False)
+    learned = load_file(str(out / "learned_embeds.safetensors"))["[V]"]
+    width = trained.model.config.hidden_size
+    assert learned.shape == (3, width)
+    assert not torch.allclose(learned[0], learned[1]) and not torch.allclose(learned[1], learned[2])
+    reloaded = load_adapter(load_backbone(str(tiny_model_dir)), out)
+    tokens = trained.placeholder_candidates()[:3]
+    assert reloaded.placeholder_token == "".join(tokens)
+    prompt_ids = reloaded.prompt_ids("a [V] robot")
+    ids = [reloaded.tokenizer.token_to_id(t) for t in tokens]
+    assert all(prompt_ids.count(i) == 1 for i in ids)  # every row is in the prompt, once
+    table = reloaded.input_embeddings().weight
+    assert torch.equal(table[ids].float(), learned.to(table.dtype).float())
+    from tokenbooth.personalize.adapter import PersonalizedBackbone
+
+    with torch.no_grad():
+        trained.input_embeddings().weight[ids] = learned.to(table.dtype)
+    in_memory = PersonalizedBackbone(trained, "[V]", "".join(tokens))
+    cfg = SamplingConfig.for_family("mini", seed=5, image_top_k=1)
+    assert torch.equal(sample_image_tokens(in_memory, ["a [V] robot"], cfg), sample_image_tokens(reloaded, ["a [V] robot"], cfg))
+
+
+def test_one_vector_keeps_the_single_token_format_and_more_than_the_free_rows_are_refused(fresh, refs, tmp_path):
+    from tokenbooth.personalize.adapter import read_adapter_config
+
+    out = train(fresh, refs, quick(stages="embedding"), tmp_path / "one", progress=False)
+    cfg = read_adapter_config(out)
+    assert cfg["placeholder_tokens"] == [cfg["placeholder_token"]]
+    assert cfg["placeholder_token_ids"] == [cfg["placeholder_token_id"]]
+    free = len(fresh.placeholder_candidates())
+    with pytest.raises(UserError, match=f"has {free} free vocabulary row"):
+        train(fresh, refs, quick(num_vectors=free + 1), tmp_path / "many", progress=False)
+    assert not (tmp_path / "many").exists()
+
+
+def test_an_adapter_whose_embedding_rows_do_not_match_its_tokens_is_refused(tiny_model_dir, refs, tmp_path):
+    import json
+
+    out = train(load_backbone(str(tiny_model_dir)), refs, quick(stages="embedding", num_vectors=2), tmp_path / "a",
+                progress=False)
+    config = json.loads((out / "adapter_config.json").read_text())
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    config["placeholder_tokens"] = config["placeholder_tokens"][:1]
+    (broken / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="placeholder_tokens"):
+        load_adapter(load_backbone(str(tiny_model_dir)), broken)

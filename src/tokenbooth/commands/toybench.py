@@ -9,7 +9,7 @@ from .common import add_sampling_flags, finite_float, positive_int, sampling_ove
 
 # the training settings a tuning run may change (TrainConfig fields; validated with the rest of the config)
 TRAIN_FLAGS = {"stage1_steps": positive_int, "stage1_lr": finite_float, "stage2_steps": positive_int,
-               "stage2_lr": finite_float, "batch_size": positive_int}
+               "stage2_lr": finite_float, "batch_size": positive_int, "num_vectors": positive_int}
 
 
 def add_parser(subparsers) -> None:

@@ -15,7 +15,7 @@ from .common import DEFAULT_MODEL, add_model_flags, family_default, finite_float
 
 # TrainConfig fields set by a flag of the same name (--stage1-steps -> stage1_steps), and the flag's type
 TRAIN_FLAGS = {
-    "placeholder": str, "init_token": str, "stages": str, "layers": str, "lora_rank": int, "lora_every": int,
+    "placeholder": str, "num_vectors": int, "init_token": str, "stages": str, "layers": str, "lora_rank": int, "lora_every": int,
     "stage1_steps": int, "stage1_lr": finite_float, "stage2_steps": int, "stage2_lr": finite_float,
     "batch_size": int, "flip": bool, "seed": int, "checkpointing_steps": int, "prior_preservation": bool,
     "num_class_images": int, "prior_loss_weight": finite_float, "validation_prompts": list,
@@ -24,6 +24,8 @@ TRAIN_FLAGS = {
 }
 HELP = {
     "placeholder": "the string prompts use for the subject",
+    "num_vectors": "[V] as this many tokens, each with its own learned embedding (multi-vector Textual Inversion; "
+                   "the paper: 1)",
     "init_token": "start [V] from this word's embedding (default: random, as the paper)",
     "stages": "two-stage (the paper's), embedding (stage 1 only) or joint (both from step 0: the paper's "
               "failing variant)",

@@ -3,7 +3,8 @@
     adapter_config.json          version, backbone + base fingerprint, placeholder, class word, training
                                  settings, and "sampling": the settings it was validated with, which
                                  `generate --adapter` uses unless told otherwise
-    learned_embeds.safetensors   {placeholder string: [V]'s embedding} (Textual Inversion's convention)
+    learned_embeds.safetensors   {placeholder string: [V]'s embedding} (Textual Inversion's convention: a
+                                 vector, or one row per token where [V] is several, --num-vectors)
     layers.safetensors           stage 2's trained tensors by parameter name (full Q/K/V or named targets)
     lora/                        or a peft LoRA folder (adapter_config.json + adapter_model.safetensors)
 
@@ -113,8 +114,22 @@ def read_adapter_config(folder: Path) -> dict:
             raise UserError(f"{path} lacks {key!r}; is it a tokenbooth adapter?")
         if not isinstance(cfg[key], kind) or isinstance(cfg[key], bool):
             raise UserError(f"{path}: {key!r} must be a {kind.__name__} (got {cfg[key]!r})")
+    placeholder_rows(cfg, path)
     recorded_sampling(cfg, path)
     return cfg
+
+
+def placeholder_rows(cfg: dict, path: Path | None = None) -> list[tuple[str, int]]:
+    """(token, vocabulary id) of each token [V] stands for; adapters from before --num-vectors name one."""
+    tokens = cfg.get("placeholder_tokens", [cfg["placeholder_token"]])
+    ids = cfg.get("placeholder_token_ids", [cfg["placeholder_token_id"]])
+    if (not isinstance(tokens, list) or not isinstance(ids, list) or not tokens or len(tokens) != len(ids)
+            or not all(isinstance(t, str) for t in tokens)
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+            or "".join(tokens) != cfg["placeholder_token"] or ids[0] != cfg["placeholder_token_id"]):
+        raise UserError(f"{path or CONFIG}: 'placeholder_tokens' and 'placeholder_token_ids' must list the tokens "
+                        f"of 'placeholder_token' and their ids, one each")
+    return list(zip(tokens, ids))
 
 
 def recorded_sampling(cfg: dict, path: Path | None = None) -> dict:
@@ -140,22 +155,24 @@ def load_adapter(backbone, folder: Path) -> PersonalizedBackbone:
         raise UserError(f"adapter {folder} was trained on another base model ({cfg.get('backbone')}, fingerprint "
                         f"{cfg['base_fingerprint']}) than {backbone.name} ({base_fingerprint(backbone.folder)})")
     embeds, layers, lora, lora_cfg = _read_weights(folder)
-    if backbone.tokenizer.token_to_id(cfg["placeholder_token"]) != cfg["placeholder_token_id"]:
-        raise UserError(f"adapter {folder}: {cfg['placeholder_token']} is not token {cfg['placeholder_token_id']} "
-                        f"in {backbone.name}'s tokenizer")
+    rows = placeholder_rows(cfg)
+    for token, token_id in rows:
+        if backbone.tokenizer.token_to_id(token) != token_id:
+            raise UserError(f"adapter {folder}: {token} is not token {token_id} in {backbone.name}'s tokenizer")
     table = backbone.input_embeddings().weight
     embedding = embeds.get(cfg["placeholder"])
-    if embedding is None or embedding.shape != table.shape[1:]:
+    wanted = table.shape[1:] if len(rows) == 1 else (len(rows), *table.shape[1:])
+    if embedding is None or embedding.shape != wanted:
         found = "no entry" if embedding is None else f"shape {tuple(embedding.shape)}"
         raise UserError(f"adapter {folder}: {EMBEDS} has {found} for {cfg['placeholder']!r}; {backbone.name} wants "
-                        f"an embedding of shape {tuple(table.shape[1:])}")
+                        f"an embedding of shape {tuple(wanted)}")
     params = dict(backbone.model.named_parameters())
     for name, tensor in layers.items():
         if name not in params or params[name].shape != tensor.shape:
             raise UserError(f"adapter tensor {name} does not fit {backbone.name}")
     deltas = _lora_deltas(params, lora, lora_cfg, folder) if lora else {}
     with torch.no_grad():
-        table[cfg["placeholder_token_id"]] = embedding.to(table.device, table.dtype)
+        table[[token_id for _, token_id in rows]] = embedding.reshape(len(rows), -1).to(table.device, table.dtype)
         for name, tensor in layers.items():
             params[name].copy_(tensor.to(params[name].dtype))
         for name, delta in deltas.items():

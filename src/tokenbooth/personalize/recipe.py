@@ -53,6 +53,9 @@ class TrainConfig:
     stage2_lr: float
     batch_size: int
     placeholder: str = "[V]"
+    # [V] as this many reserved tokens, each with its own learned embedding (multi-vector Textual Inversion);
+    # 1 is the paper's single token
+    num_vectors: int = 1
     init_token: str | None = None  # None: random init, as the paper
     stages: str = "two-stage"
     layers: str = "qkv"  # "qkv", "lora", or comma-separated regular expressions over parameter names
@@ -100,7 +103,7 @@ def stage_plan(stages: str, stage1_steps: int, stage2_steps: int) -> list[tuple[
     return [(s, steps[s]) for s in STAGE_PLANS[stages]]
 
 
-COUNTS = ("stage1_steps", "stage2_steps", "batch_size", "lora_rank", "lora_every", "checkpointing_steps",
+COUNTS = ("stage1_steps", "stage2_steps", "batch_size", "num_vectors", "lora_rank", "lora_every", "checkpointing_steps",
           "validation_steps", "num_class_images", "gradient_accumulation_steps")
 RATES = ("stage1_lr", "stage2_lr")
 COMPUTE_DTYPES = ("model", "bfloat16")
@@ -167,31 +170,48 @@ def check_class_name(backbone, class_name: str | None) -> None:
 
 # --- setup ------------------------------------------------------------------------------------------
 
+def placeholder_tokens(backbone, num_vectors: int) -> list[str]:
+    """The reserved tokens [V] stands for: the first `num_vectors` free ones."""
+    candidates = backbone.placeholder_candidates()
+    if len(candidates) < num_vectors:
+        raise UserError(f"{backbone.name} has {len(candidates)} free vocabulary row(s) for the placeholder, "
+                        f"--num-vectors asks for {num_vectors}")
+    return candidates[:num_vectors]
+
+
 class Placeholder:
-    """[V]: a reserved vocabulary row whose embedding is the one thing stage 1 learns."""
+    """[V]: reserved vocabulary rows (one unless --num-vectors) whose embeddings are the one thing stage 1
+    learns. The embedding is one vector for a single token (the paper's, and the adapter format's since the
+    start), a (num_vectors, width) matrix otherwise."""
 
     def __init__(self, backbone, cfg: TrainConfig, generator: torch.Generator):
-        candidates = backbone.placeholder_candidates()
-        if not candidates:
-            raise UserError(f"{backbone.name} has no free vocabulary row for the placeholder")
-        self.text, self.token = cfg.placeholder, candidates[0]
-        self.token_id = backbone.tokenizer.token_to_id(self.token)
+        self.tokens = placeholder_tokens(backbone, cfg.num_vectors)
+        self.text, self.token = cfg.placeholder, "".join(self.tokens)  # the prompt's [V] becomes all of them
+        self.token_ids = [backbone.tokenizer.token_to_id(t) for t in self.tokens]
         table = backbone.input_embeddings().weight.detach()
+        shape = (table.shape[1],) if cfg.num_vectors == 1 else (cfg.num_vectors, table.shape[1])
         if cfg.init_token:
             ids = backbone.tokenizer.encode(cfg.init_token, add_special_tokens=False).ids
             if not ids:
                 raise UserError(f"--init-token {cfg.init_token!r} has no tokens")
-            init = table[ids].float().mean(0)
+            init = table[ids].float().mean(0).expand(shape)
         else:  # random, at the scale of the existing rows
-            init = torch.randn(table.shape[1], generator=generator).to(table.device) * _std(table)
+            init = torch.randn(shape, generator=generator).to(table.device) * _std(table)
         # fp32 master copy even when the model is bf16, on the table's device
         self.embedding = torch.nn.Parameter(init.float().clone())
 
+    @property
+    def rows(self) -> torch.Tensor:
+        """(num_vectors, width): one row per reserved token."""
+        return self.embedding.reshape(len(self.token_ids), -1)
+
     def embed(self, backbone, ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with [V]'s row taken from the trainable copy."""
+        """Token embeddings with [V]'s rows taken from the trainable copy."""
         embeds = backbone.embed(ids)
         ids = ids.to(embeds.device)
-        return torch.where((ids == self.token_id)[..., None], self.embedding.to(embeds.dtype), embeds)
+        for token_id, row in zip(self.token_ids, self.rows):
+            embeds = torch.where((ids == token_id)[..., None], row.to(embeds.dtype), embeds)
+        return embeds
 
     def prompt_ids(self, backbone, prompt: str) -> list[int]:
         return backbone.prompt_ids(adapter_files.substitute_placeholder(prompt, self.text, self.token))
@@ -395,7 +415,7 @@ def check_run(backbone, cfg: TrainConfig, out: Path, resume: bool, sharding=None
 
 # What decides stage 1: a run starts from another run's stage 1 only where these agree. Not prior
 # preservation: the class prompts hold no [V], so in stage 1 (only [V] learns) the class term has no gradient.
-STAGE1_SETTINGS = ("class_name", "placeholder", "init_token", "stage1_steps", "stage1_lr", "batch_size", "flip",
+STAGE1_SETTINGS = ("class_name", "placeholder", "num_vectors", "init_token", "stage1_steps", "stage1_lr", "batch_size", "flip",
                    "seed", "gradient_accumulation_steps", "quantize", "optimizer", "compute_dtype")
 
 
@@ -445,8 +465,7 @@ def check_training_fits(backbone, cfg: TrainConfig) -> None:
     validation prompts."""
     from ..sampling.sampler import check_prompt_fits
 
-    candidates = backbone.placeholder_candidates()
-    token = candidates[0] if candidates else cfg.placeholder
+    token = "".join(placeholder_tokens(backbone, cfg.num_vectors))
     ids = lambda prompt: backbone.prompt_ids(adapter_files.substitute_placeholder(prompt, cfg.placeholder, token))  # noqa: E731
     prompts = [training_prompt(i, cfg.placeholder, cfg.class_name) for i in range(len(OBJECT_TEMPLATES))]
     lengths = [len(ids(p)) for p in prompts]
@@ -755,7 +774,8 @@ def save_final_adapter(backbone, placeholder: Placeholder, layer_params: dict, l
     config = {
         "backbone": backbone.name, "base_fingerprint": adapter_files.base_fingerprint(backbone.folder),
         "placeholder": placeholder.text, "placeholder_token": placeholder.token,
-        "placeholder_token_id": placeholder.token_id, "class_name": cfg.class_name,
+        "placeholder_token_id": placeholder.token_ids[0], "placeholder_tokens": placeholder.tokens,
+        "placeholder_token_ids": placeholder.token_ids, "class_name": cfg.class_name,
         **{k: v for k, v in asdict(cfg).items() if k not in ("class_name", "placeholder")},
         "sampling": sampling_config(backbone, cfg).distribution(),
     }
@@ -775,8 +795,8 @@ def render_validation(backbone, placeholder: Placeholder, cfg: TrainConfig, path
     from ..sampling import draw
 
     table = backbone.input_embeddings().weight
-    original = table[placeholder.token_id].clone()
-    table[placeholder.token_id] = placeholder.embedding.to(table.dtype)
+    original = table[placeholder.token_ids].clone()
+    table[placeholder.token_ids] = placeholder.rows.to(table.dtype)
     training = [m for m in backbone.model.modules() if m.training]  # checkpointed layers would drop the KV cache
     backbone.model.eval()
     try:
@@ -784,7 +804,7 @@ def render_validation(backbone, placeholder: Placeholder, cfg: TrainConfig, path
         with _autocast_for(backbone)():  # trained layers are fp32 copies inside a bf16 model
             images = draw(personalized, cfg.validation_prompts, sampling_config(backbone, cfg)).images
     finally:
-        table[placeholder.token_id] = original
+        table[placeholder.token_ids] = original
         for module in training:
             module.train()
     if write:
