@@ -319,6 +319,7 @@ def test_the_command_writes_results_json_with_every_row_and_metric_report_grid_a
     assert results["goals"] and all(g.keys() == {"value", "target", "met"} for g in results["goals"].values())
     report = (out / "report.md").read_text()
     assert all(row in report for row in ("Q/K/V", "LoRA", "prior", "ceiling", "floor", "words", "oracle", "Goals"))
+    assert f"except --stage1-steps {STEPS['stage1']}, --stage2-steps {STEPS['stage2']};" in report  # what was changed
     assert (out / "report.png").is_file() and (out / "grids" / f"{subjects()[0].key}.png").is_file()
 
 

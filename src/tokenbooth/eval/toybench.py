@@ -556,14 +556,20 @@ def cell(figure: dict) -> str:
     return f"{figure['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def training_note(train: dict) -> str:
+    """The report's words for the training settings: the family's, and any a tuning run changed."""
+    changed = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(train.items()))
+    return "its family's training defaults" + (f" except {changed}" if changed else "")
+
+
 def markdown(results: dict, bench: Bench) -> str:
     s = bench.sampling
     lines = [
         "# toy-bench v2: the paper's Table 1 on mini", "",
         f"{len(results['subjects'])} subjects of the {results['split']} split (reserved toyworld instances, never in "
         f"pretraining), 4 references and 12 prompts each, one image per prompt; {results['settings']['model']} "
-        f"with its family's training and sampling defaults (CFG {s.cfg_scale}, image top-k {s.image_top_k}, seed "
-        f"{s.seed}, {s.sampler} sampler). {results['minutes']:.1f} min of work in all, on this machine.", "",
+        f"with {training_note(bench.cfg.train)}; sampling: CFG {s.cfg_scale}, image top-k {s.image_top_k}, seed "
+        f"{s.seed}, {s.sampler} sampler. {results['minutes']:.1f} min of work in all, on this machine.", "",
         "| row | " + " | ".join(HEADINGS[m] for m in METRICS) + " |",
         "|---" * (len(METRICS) + 1) + "|",
     ]
