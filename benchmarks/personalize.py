@@ -1,8 +1,9 @@
 """What personalization costs on mini, measured side by side in one run.
 
-    python benchmarks/personalize.py [--model mini] [--steps 20]
+    python benchmarks/personalize.py [--model mini] [--steps 20] [--repeats 3]
 
-- seconds per step of stage 1 (embedding only), stage 2 with full Q/K/V, stage 2 with LoRA
+- seconds per step of stage 1 (embedding only), stage 2 with full Q/K/V, stage 2 with LoRA: the settings
+  run in turn, round after round (a slow spell of a shared machine hits all of them), median of the rounds
 - end-to-end time of the default two-stage run (mini's defaults, the demo's setting)
 - peak resident memory of this process after each part
 - what caching the reference images' VQ tokens buys: a step that re-encodes its batch's images against a
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -81,19 +83,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mini")
     ap.add_argument("--steps", type=int, default=20, help="steps timed per setting")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds over the settings; figures are their medians")
     ap.add_argument("--out", type=Path, default=RESULTS / "personalize.json")
     args = ap.parse_args()
     torch.set_flush_denormal(True)
     images = load_reference_images(demo_subject.FOLDER, load_backbone(args.model).resolution)
-    rows, memory = {}, {}
-    for name, overrides in {
+    settings = {
         "stage 1 (embedding)": dict(stages="embedding", stage1_steps=args.steps),
         # a joint step costs what a stage-2 step costs: [V] and the layers both learn
         "stage 2 (full Q/K/V)": dict(stages="joint", stage1_steps=args.steps - 1, stage2_steps=1, layers="qkv"),
         "stage 2 (LoRA r=4)": dict(stages="joint", stage1_steps=args.steps - 1, stage2_steps=1, layers="lora"),
-    }.items():
-        rows[name] = seconds_per_step(args.model, images, args.steps, **overrides)
-        memory[name] = peak_rss_mb()
+    }
+    runs, memory = {name: [] for name in settings}, {}
+    for _ in range(args.repeats):
+        for name, overrides in settings.items():
+            runs[name].append(seconds_per_step(args.model, images, args.steps, **overrides))
+            memory.setdefault(name, peak_rss_mb())  # the process's peak so far: meaningful in the first round
+    rows = {name: statistics.median(times) for name, times in runs.items()}
     t0 = time.perf_counter()
     backbone = load_backbone(args.model)
     cfg = TrainConfig.for_family(backbone.family, class_name="robot")
@@ -104,6 +110,7 @@ def main() -> None:
     reencode, cached = caching_speedup(args.model, images, args.steps)
     result = {
         "model": args.model, "batch_size": cfg.batch_size, "seconds_per_step": rows,
+        "seconds_per_step_runs": runs, "repeats": args.repeats,
         "end_to_end_seconds": end_to_end, "end_to_end_steps": cfg.stage1_steps + cfg.stage2_steps,
         "peak_rss_mb_after": memory,
         "vq_cache": {"reencode_seconds_per_step": reencode, "cached_seconds_per_step": cached,
