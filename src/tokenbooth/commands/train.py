@@ -15,7 +15,8 @@ from .common import DEFAULT_MODEL, add_model_flags, family_default, finite_float
 
 # TrainConfig fields set by a flag of the same name (--stage1-steps -> stage1_steps), and the flag's type
 TRAIN_FLAGS = {
-    "placeholder": str, "num_vectors": int, "init_token": str, "stages": str, "layers": str, "lora_rank": int, "lora_every": int,
+    "placeholder": str, "num_vectors": int, "init_token": str, "stages": str, "layers": str, "lora_rank": int,
+    "lora_every": int,
     "stage1_steps": int, "stage1_lr": finite_float, "stage2_steps": int, "stage2_lr": finite_float,
     "batch_size": int, "flip": bool, "seed": int, "checkpointing_steps": int, "prior_preservation": bool,
     "num_class_images": int, "prior_loss_weight": finite_float, "validation_prompts": list,

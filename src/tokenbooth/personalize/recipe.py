@@ -103,8 +103,8 @@ def stage_plan(stages: str, stage1_steps: int, stage2_steps: int) -> list[tuple[
     return [(s, steps[s]) for s in STAGE_PLANS[stages]]
 
 
-COUNTS = ("stage1_steps", "stage2_steps", "batch_size", "num_vectors", "lora_rank", "lora_every", "checkpointing_steps",
-          "validation_steps", "num_class_images", "gradient_accumulation_steps")
+COUNTS = ("stage1_steps", "stage2_steps", "batch_size", "num_vectors", "lora_rank", "lora_every",
+          "checkpointing_steps", "validation_steps", "num_class_images", "gradient_accumulation_steps")
 RATES = ("stage1_lr", "stage2_lr")
 COMPUTE_DTYPES = ("model", "bfloat16")
 
@@ -415,8 +415,9 @@ def check_run(backbone, cfg: TrainConfig, out: Path, resume: bool, sharding=None
 
 # What decides stage 1: a run starts from another run's stage 1 only where these agree. Not prior
 # preservation: the class prompts hold no [V], so in stage 1 (only [V] learns) the class term has no gradient.
-STAGE1_SETTINGS = ("class_name", "placeholder", "num_vectors", "init_token", "stage1_steps", "stage1_lr", "batch_size", "flip",
-                   "seed", "gradient_accumulation_steps", "quantize", "optimizer", "compute_dtype")
+STAGE1_SETTINGS = ("class_name", "placeholder", "num_vectors", "init_token", "stage1_steps", "stage1_lr",
+                   "batch_size", "flip", "seed", "gradient_accumulation_steps", "quantize", "optimizer",
+                   "compute_dtype")
 
 
 def stage1_checkpoint(backbone, cfg: TrainConfig, folder: Path) -> Path:
