@@ -506,3 +506,44 @@ def test_an_adapter_whose_embedding_rows_do_not_match_its_tokens_is_refused(tiny
     (broken / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="placeholder_tokens"):
         load_adapter(load_backbone(str(tiny_model_dir)), broken)
+
+
+# --- fidelity along the run -------------------------------------------------------------------------
+
+def test_validation_pictures_are_scored_for_fidelity_along_the_run_and_plotted_under_the_loss(fresh, refs, tmp_path):
+    import json
+
+    cfg = quick(validation_prompts=["a [V] robot", "a [V] robot on the beach"], validation_steps=2)
+    out = train(fresh, refs, cfg, tmp_path / "a", progress=False)
+    records = [json.loads(line) for line in (out / "fidelity.jsonl").read_text().splitlines()]
+    # 3 + 2 steps: grids at steps 2 and 4 and the final one; the family's encoder is mini's toyDINO
+    assert [(r["step"], r["stage"]) for r in records] == [(2, "embedding"), (4, "layers"), (5, "final")]
+    assert all(-1 <= r["fidelity"] <= 1 and r["encoder"] == "toyDINO" for r in records)
+    with Image.open(out / "loss.png") as plot:  # the fidelity curve under the loss curve
+        assert plot.height == 2 * 360
+
+
+def test_the_fidelity_score_is_dreambenchs_dino_score_against_the_references(fresh, refs):
+    from tokenbooth.assets import TOYDINO_DIR
+    from tokenbooth.eval.metrics import load_dino
+    from tokenbooth.personalize.recipe import fidelity_scorer
+
+    score = fidelity_scorer(fresh, refs)
+    same, _ = score(refs)
+    features = load_dino(str(TOYDINO_DIR)).embed_images(refs)
+    assert abs(same - float((features @ features.T).mean())) < 1e-5
+    blank, _ = score([Image.new("RGB", (16, 16), "black")] * 2)
+    assert blank < same
+
+
+def test_without_the_familys_encoder_the_run_goes_on_with_its_loss_alone(fresh, refs, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from tokenbooth.backbones import families
+
+    missing = dataclasses.replace(families.FAMILIES["mini"], fidelity=str(tmp_path / "no-encoder-here"))
+    monkeypatch.setitem(families.FAMILIES, "mini", missing)
+    out = train(fresh, refs, quick(validation_prompts=["a [V] robot"], validation_steps=2), tmp_path / "a",
+                progress=False)
+    assert (out / "validation" / "final.png").exists() and not (out / "fidelity.jsonl").exists()
+    assert "not scored for fidelity" in capsys.readouterr().err

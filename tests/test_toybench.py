@@ -417,6 +417,18 @@ def test_rows_picks_a_subset_for_tuning_and_keeps_the_references(tiny_model_dir,
         ["embedding", "two-stage-qkv"]
 
 
+def test_validation_steps_log_fidelity_along_each_run_and_the_report_tabulates_it(tiny_model_dir, encoders, tmp_path):
+    out = tmp_path / "run"
+    assert cli(*bench_args(tiny_model_dir, encoders, out, "--rows", "embedding,two-stage-qkv",
+                           "--validation-steps", "1")) == 0
+    along = json.loads((out / "results.json").read_text())["fidelity_along_the_run"]
+    # stage 1 takes 2 steps, stage 2 one: the two-stage row carries the stage 1 it continued from
+    assert {row: sorted(map(int, points)) for row, points in along.items()} == \
+        {"embedding": [1, 2], "two-stage-qkv": [1, 2, 3]}
+    assert along["embedding"]["1"] == along["two-stage-qkv"]["1"]
+    assert "Fidelity along the run" in (out / "report.md").read_text()
+
+
 def test_an_unknown_row_is_refused_before_anything_is_written(capsys, tmp_path):
     code, _, err = run_cli(capsys, "eval", "toybench", "--rows", "embedding,dreambooth", "--output", tmp_path / "o")
     assert code != 0 and "--rows" in err and "dreambooth" in err and not (tmp_path / "o").exists()

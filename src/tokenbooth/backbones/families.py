@@ -15,6 +15,10 @@ from ..errors import UserError
 class FamilyDefaults:
     train: dict  # TrainConfig fields
     sample: dict  # SamplingConfig fields
+    # What scores fidelity along a training run (its validation pictures against the references): "dino",
+    # DreamBench's DINO ViT-S/16 from the Hugging Face cache; "toydino", the bundled encoder in DINO's role in
+    # toyworld; or a ViT folder.
+    fidelity: str = "dino"
 
 
 # Sun et al. 2025, Sec. 4.1, on Lumina-mGPT 7B: stage 1 lr 0.01 for about 1500 steps, stage 2 lr 5e-6 for
@@ -46,6 +50,7 @@ FAMILIES: dict[str, FamilyDefaults] = {
         train=dict(stage1_steps=100, stage1_lr=3e-3, stage2_steps=60, stage2_lr=2e-5, batch_size=8,
                    compute_dtype="bfloat16"),
         sample=dict(cfg_scale=2.0, image_top_k=2000),
+        fidelity="toydino",
     ),
 }
 

@@ -32,6 +32,9 @@ def add_parser(subparsers) -> None:
     t.add_argument("--seed", type=int, default=0, help="of training and sampling (default: 0)")
     for name, kind in TRAIN_FLAGS.items():
         t.add_argument("--" + name.replace("_", "-"), type=kind, help="(default: the model family's)")
+    t.add_argument("--validation-steps", type=positive_int,
+                   help="draw 4 validation pictures every N training steps and log their fidelity (toyDINO); the "
+                        "report tabulates it along the run (default: none)")
     t.add_argument("--dino", help="DINO-style encoder for the dino metric, a ViT folder (default: the bundled toyDINO)")
     t.add_argument("--clip", help="CLIP for clip_i and clip_t (default: the bundled toyCLIP)")
     t.add_argument("--reader", help="attribute reader folder for identity and prompt (default: the bundled one)")
@@ -45,5 +48,6 @@ def run(args: argparse.Namespace) -> None:
     train = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     cfg = ToyBenchConfig(model=args.model, split=args.split, subjects=args.subjects, seed=args.seed, train=train,
                          sampling=sampling_overrides(args), dino=args.dino, clip=args.clip, reader=args.reader,
-                         rows=tuple(r.strip() for r in args.rows.split(",") if r.strip()))
+                         rows=tuple(r.strip() for r in args.rows.split(",") if r.strip()),
+                         validation_steps=args.validation_steps)
     run_toybench(cfg, args.output)

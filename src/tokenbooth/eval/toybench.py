@@ -94,6 +94,7 @@ REFERENCE_SIZE = 64  # toyworld's own size, the one the reader was trained at
 REFERENCE_SHOTS = (("white", "center"), ("wood", "left"), ("brick", "right"), ("pink", "center"))
 NEW_BACKGROUNDS = ("beach", "snow", "grass", "night", "water", "forest")
 NEW_COLORS = ("red", "blue", "yellow", "green", "purple", "orange")  # the first two a subject lacks are asked
+VALIDATION_PROMPTS = 4  # new backgrounds drawn along a run by --validation-steps
 RESAMPLES = 1000  # bootstrap resamples: the interval's ends move by about 0.001 between seeds at this count
 CONFIDENCE = 0.95
 BOOTSTRAP_SEED = 0
@@ -113,6 +114,7 @@ class ToyBenchConfig:
     clip: str | None = None  # None: the bundled toyCLIP
     reader: str | None = None  # None: the bundled attribute reader
     rows: tuple = ROWS  # a subset for tuning runs (the references row always comes: the others score against it)
+    validation_steps: int | None = None  # draw VALIDATION_PROMPTS every N training steps and log their fidelity
 
 
 def check_rows(rows) -> tuple:
@@ -343,7 +345,15 @@ class Bench:
         from ..personalize import TrainConfig
 
         return TrainConfig.for_family(self.family, class_name=class_name, seed=self.cfg.seed,
-                                      **{**RECIPES[row], **self.cfg.train})
+                                      **{**RECIPES[row], **self.cfg.train, **self.validation(class_name)})
+
+    def validation(self, class_name: str | None) -> dict:
+        """Fidelity along the run (--validation-steps): the first new backgrounds, drawn every N steps."""
+        if not self.cfg.validation_steps:
+            return {}
+        prompts = [f"a {PLACEHOLDER} {class_name or '{class}'} {BACKGROUND_PHRASES[bg][0]}"
+                   for bg in NEW_BACKGROUNDS[:VALIDATION_PROMPTS]]
+        return dict(validation_steps=self.cfg.validation_steps, validation_prompts=prompts)
 
     def check_recipes(self, base) -> None:
         """Before any work: every row's recipe is valid for every subject's class word on this model."""
@@ -494,6 +504,24 @@ def run_subject(bench: Bench, inst) -> dict[str, list[dict]]:
     return {row: scored(bench, inst, row, images[row], refs) for row in shown}
 
 
+def fidelity_along_the_run(bench: Bench) -> dict:
+    """{row: {step: mean over subjects}} of the validation grids' fidelity (fidelity.jsonl in each trained row's
+    adapter; a two-stage row's holds the stage 1 it continued from), the final grid at the last step."""
+    from ..personalize.recipe import FIDELITY_LOG
+
+    along = {}
+    for row in [r for r in bench.rows if r in RECIPES]:
+        by_step: dict[int, list[float]] = {}
+        for inst in bench.subjects:
+            path = bench.folder(inst) / "adapters" / row / FIDELITY_LOG
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+                if path.is_file() else []
+            for r in records:
+                by_step.setdefault(r["step"], []).append(r["fidelity"])
+        along[row] = {step: round(float(np.mean(v)), 4) for step, v in sorted(by_step.items())}
+    return along
+
+
 def add_seconds(out: Path, since: float) -> float:
     """Adds the time since `since` to the run's total (time.json, over every invocation); returns now. A run
     killed halfway loses at most the unfinished subject's time from the total."""
@@ -530,6 +558,8 @@ def run_toybench(cfg: ToyBenchConfig, output: Path) -> dict:
                "minutes": round(minutes, 2), "per_subject": subject_means(scores, keys), "split": cfg.split,
                "settings": bench.settings, "encoders": bench.encoders,
                "bootstrap": {"resamples": RESAMPLES, "seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE}}
+    if cfg.validation_steps:
+        results["fidelity_along_the_run"] = fidelity_along_the_run(bench)
     report = markdown(results, bench)
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "report.md", report)
@@ -598,6 +628,15 @@ def markdown(results: dict, bench: Bench) -> str:
               "| row | " + " | ".join(IDENTITY) + " |", "|---" * (len(IDENTITY) + 1) + "|"]
     lines += [f"| {LABELS[row]} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in by.values()) + " |"
               for row, by in shares.items()]
+    if results.get("fidelity_along_the_run"):
+        along = results["fidelity_along_the_run"]
+        steps = sorted({step for points in along.values() for step in points})
+        lines += ["", f"Fidelity along the run: toyDINO of {VALIDATION_PROMPTS} validation pictures (new backgrounds) "
+                  f"to the references, every {bench.cfg.validation_steps} steps, mean over subjects (stage 1 ends at "
+                  f"step {bench.train_config(STAGE1_ROW, None).stage1_steps}):", "",
+                  "| row | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+        lines += [f"| {LABELS[row]} | " + " | ".join(f"{points[s]:.3f}" if s in points else "-" for s in steps) + " |"
+                  for row, points in along.items()]
     if results["goals"]:
         lines += ["", "Goals (issue #10) for two-stage Q/K/V:", "", "| goal | value | target | met |", "|---|---|---|---|"]
         lines += [f"| {name} | {g['value']:.3f} | {g['target']} | {'yes' if g['met'] else 'no'} |"

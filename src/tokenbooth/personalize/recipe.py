@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ..errors import UserError, warn
 from ..io import atomic_path, atomic_save_image, atomic_write_json, read_json_object
 from ..vq import pil_to_tensor
 from . import adapter as adapter_files
@@ -443,8 +443,8 @@ def stage1_checkpoint(backbone, cfg: TrainConfig, folder: Path) -> Path:
 
 
 def start_from_stage1(checkpoint: Path, out: Path) -> None:
-    """Copies a finished stage 1 (its checkpoint, and its log lines) into `out`: the run then goes on as one
-    resumed at the end of its own stage 1, and `train --resume` can continue it like any other."""
+    """Copies a finished stage 1 (its checkpoint, and its loss and fidelity log lines) into `out`: the run then
+    goes on as one resumed at the end of its own stage 1, and `train --resume` can continue it like any other."""
     import os
     import shutil
 
@@ -453,11 +453,15 @@ def start_from_stage1(checkpoint: Path, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(checkpoint, tmp)
     os.replace(tmp, out / "checkpoints" / checkpoint.name)
-    log = checkpoint.parent.parent / "log.jsonl"
-    if log.exists():
-        lines = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        with atomic_path(out / "log.jsonl") as tmp_log:
-            tmp_log.write_text("".join(line + "\n" for line in lines))
+    for name in ("log.jsonl", FIDELITY_LOG):
+        log = checkpoint.parent.parent / name
+        if log.exists():
+            records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            # an embedding-only run's "final" grid is its [V] at the end of stage 1, where this run goes on
+            records = [{**r, "stage": "embedding"} if r.get("stage") == "final" else r
+                       for r in records if r["step"] <= step]
+            with atomic_path(out / name) as tmp_log:
+                tmp_log.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def check_training_fits(backbone, cfg: TrainConfig) -> None:
@@ -629,6 +633,8 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
     log_path = out / "log.jsonl"
     if main:
         _truncate_log(log_path, state.global_step)  # an interrupted run may have logged past its last checkpoint
+        _truncate_log(out / FIDELITY_LOG, state.global_step)
+    fidelity = fidelity_scorer(backbone, images) if cfg.validation_prompts and main else None
     for stage_index, (stage, steps) in enumerate(cfg.plan):
         if stage_index < state.stage_index:
             continue
@@ -676,8 +682,10 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
             if state.global_step % cfg.checkpointing_steps == 0 or state.global_step == stop_after or stage1_done:
                 save_checkpoint(out, state, placeholder, layer_params, optimizer, generator, sharding)
             if cfg.validation_prompts and state.global_step % cfg.validation_steps == 0 and not finished:
-                render_validation(backbone, placeholder, cfg, out / "validation" / f"step-{state.global_step}.png",
-                                  write=main)
+                pictures = render_validation(backbone, placeholder, cfg,
+                                             out / "validation" / f"step-{state.global_step}.png", write=main)
+                if main:
+                    log_fidelity(out, fidelity, pictures, state.global_step, stage)
             if state.global_step == stop_after and not finished:
                 bar.close()
                 backbone.model.eval()
@@ -685,11 +693,13 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
         bar.close()
 
     backbone.model.eval()  # checkpointing put layers in training mode; sampling wants them as they were
-    if main:
-        write_loss_plot(log_path, out / "loss.png")
     save_final_adapter(backbone, placeholder, layer_params, lora_config, cfg, out, write=main)
     if cfg.validation_prompts:
-        render_validation(backbone, placeholder, cfg, out / "validation" / "final.png", write=main)
+        pictures = render_validation(backbone, placeholder, cfg, out / "validation" / "final.png", write=main)
+        if main:
+            log_fidelity(out, fidelity, pictures, state.global_step, "final")
+    if main:
+        write_loss_plot(log_path, out / "loss.png")
     if sharding is not None:
         sharding.barrier()  # the adapter is whole on disk before any process returns
     return out
@@ -789,7 +799,7 @@ def save_final_adapter(backbone, placeholder: Placeholder, layer_params: dict, l
 
 
 @torch.no_grad()
-def render_validation(backbone, placeholder: Placeholder, cfg: TrainConfig, path: Path, write: bool = True) -> None:
+def render_validation(backbone, placeholder: Placeholder, cfg: TrainConfig, path: Path, write: bool = True) -> list:
     """A small grid of the validation prompts with the current [V], drawn without touching training state
     (in a sharded run every process draws, in step, and the first writes)."""
     from ..images import make_grid
@@ -811,13 +821,67 @@ def render_validation(backbone, placeholder: Placeholder, cfg: TrainConfig, path
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_image(make_grid(images), path)
+    return images
+
+
+FIDELITY_LOG = "fidelity.jsonl"  # one record per validation grid: {"step", "stage", "fidelity", "encoder"}
+
+
+def fidelity_scorer(backbone, references):
+    """Fidelity along the run: the mean cosine similarity of validation pictures to the references, under the
+    family's DINO-role encoder (backbones/families.py), as DreamBench's DINO score is computed. None, after one
+    warning, where that encoder is not on this machine: the run goes on with its loss alone."""
+    from ..assets import TOYDINO_DIR
+    from ..backbones.families import family_defaults
+    from ..eval.metrics import DinoEncoder, load_dino
+
+    name = family_defaults(backbone.family).fidelity
+    try:
+        if name == "toydino":  # loaded directly: load_dino would warn that it is not the paper's DINO
+            from transformers import ViTModel
+
+            encoder = DinoEncoder(ViTModel.from_pretrained(TOYDINO_DIR, add_pooling_layer=False), "toyDINO")
+        else:
+            encoder = load_dino(None if name == "dino" else name)
+    except (UserError, OSError) as e:
+        warn(f"validation pictures are drawn but not scored for fidelity: {str(e).splitlines()[0]}")
+        return None
+    anchors = encoder.embed_images(references)
+
+    def score(pictures) -> tuple[float, str]:
+        return float((encoder.embed_images(pictures) @ anchors.T).mean()), encoder.source
+
+    return score
+
+
+def log_fidelity(out: Path, scorer, pictures: list, step: int, stage: str) -> None:
+    if scorer is not None:
+        value, encoder = scorer(pictures)
+        _append_log(out / FIDELITY_LOG, {"step": step, "stage": stage, "fidelity": round(value, 4),
+                                         "encoder": encoder})
 
 
 def write_loss_plot(log_path: Path, png: Path) -> None:
+    """The loss curve, and under it the fidelity of the validation pictures where they were scored."""
+    from PIL import Image
+
     from ..images import line_plot
 
     if not log_path.exists():
         return
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    if records:
-        atomic_save_image(line_plot([r["loss"] for r in records], title="training loss (image tokens)"), png)
+    if not records:
+        return
+    plot = line_plot([r["loss"] for r in records], title="training loss (image tokens)")
+    fidelity_path = log_path.parent / FIDELITY_LOG
+    points = [json.loads(line) for line in fidelity_path.read_text().splitlines() if line.strip()] \
+        if fidelity_path.exists() else []
+    if points:
+        below = line_plot([r["fidelity"] for r in points],
+                          title=f"fidelity: {points[0]['encoder']} cosine to the references, at steps "
+                                f"{points[0]['step']}..{points[-1]['step']}")
+        both = Image.new("RGB", (plot.width, plot.height + below.height), "white")
+        both.paste(plot, (0, 0))
+        both.paste(below, (0, plot.height))
+        plot = both
+    atomic_save_image(plot, png)
