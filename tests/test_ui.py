@@ -277,3 +277,17 @@ def test_the_page_shows_a_failed_jobs_error_and_the_waiting_order(ws):
     page = panels.job_html(queue, panels.focus_job(queue))
     assert "broken" in page and "failed" in page and "&lt;try&gt; a lower learning rate" in page
     assert page.index("first") < page.index("second")
+
+
+def test_validation_pictures_are_captioned_with_their_step_and_the_fidelity_the_run_logged(tmp_path):
+    from tokenbooth.ui.panels import validation_items
+
+    folder = tmp_path / "robot"
+    (folder / "validation").mkdir(parents=True)
+    for name in ("step-10.png", "step-2.png", "final.png"):
+        Image.new("RGB", (8, 8)).save(folder / "validation" / name)
+    (folder / "fidelity.jsonl").write_text(
+        json.dumps({"step": 2, "stage": "embedding", "fidelity": 0.61234, "encoder": "toyDINO"}) + "\n"
+        + json.dumps({"step": 12, "stage": "final", "fidelity": 0.7, "encoder": "toyDINO"}) + "\n")
+    captions = [c for _, c in validation_items(wsmod.Subject("robot", folder))]
+    assert captions == ["step 2: fidelity 0.612 (toyDINO)", "step 10", "final: fidelity 0.700 (toyDINO)"]

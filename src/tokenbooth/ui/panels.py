@@ -73,10 +73,17 @@ def loss_table(subject: Subject | None):
 
 
 def validation_items(subject: Subject | None) -> list[tuple[str, str]]:
+    """(picture, caption): its step, and its fidelity to the references where the run scored it."""
     if subject is None:
         return []
-    return [(str(p), "final" if p.stem == "final" else f"step {p.stem.split('-')[1]}")
-            for p in subject.validation_images()]
+    scored = {"final" if r.get("stage") == "final" else f"step {r['step']}": r for r in subject.fidelity_records()}
+    items = []
+    for p in subject.validation_images():
+        label = "final" if p.stem == "final" else f"step {p.stem.split('-')[1]}"
+        record = scored.get(label)
+        items.append((str(p), label if record is None else f"{label}: fidelity {record['fidelity']:.3f} "
+                                                           f"({record['encoder']})"))
+    return items
 
 
 def subject_summary(subject: Subject, queue: JobQueue) -> str:

@@ -118,6 +118,12 @@ class Subject:
     def loss_records(self) -> list[dict]:
         return read_log(self.folder / "log.jsonl")
 
+    def fidelity_records(self) -> list[dict]:
+        """The validation grids' fidelity to the references (personalize/recipe.py, fidelity.jsonl)."""
+        from ..personalize.recipe import FIDELITY_LOG
+
+        return read_log(self.folder / FIDELITY_LOG)
+
     def references(self) -> list[Path]:
         folder = self.folder / REFERENCES
         return sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
