@@ -59,8 +59,9 @@ def make_grid(images, columns: int | None = None, min_cell: int = 128, pad: int 
     return grid
 
 
-def line_plot(values, title: str = "", size=(640, 360)) -> Image.Image:
-    """A minimal line chart drawn with Pillow (no plotting library needed): the loss curve."""
+def line_plot(values, title: str = "", size=(640, 360), x_ends: tuple | None = None) -> Image.Image:
+    """A minimal line chart drawn with Pillow (no plotting library needed): the loss curve. x_ends labels the
+    first and last point (default: 0 and the number of values)."""
     from PIL import ImageDraw
 
     w, h = size
@@ -73,8 +74,9 @@ def line_plot(values, title: str = "", size=(640, 360)) -> Image.Image:
     for frac in (0.0, 0.5, 1.0):
         y = top + (1 - frac) * (h - top - bottom)
         d.text((5, y - 6), f"{lo + frac * (hi - lo):.3g}", fill="black")
-    d.text((left, h - bottom + 8), "0", fill="black")
-    d.text((w - right - 40, h - bottom + 8), str(len(values)), fill="black")
+    first, last = x_ends or (0, len(values))
+    d.text((left, h - bottom + 8), str(first), fill="black")
+    d.text((w - right - 40, h - bottom + 8), str(last), fill="black")
     d.text((left, 8), title, fill="black")
     n = max(1, len(values) - 1)
     points = [(left + i / n * (w - left - right), top + (1 - (v - lo) / (hi - lo)) * (h - top - bottom))

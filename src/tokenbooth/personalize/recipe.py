@@ -877,9 +877,9 @@ def write_loss_plot(log_path: Path, png: Path) -> None:
     points = [json.loads(line) for line in fidelity_path.read_text().splitlines() if line.strip()] \
         if fidelity_path.exists() else []
     if points:
-        below = line_plot([r["fidelity"] for r in points],
-                          title=f"fidelity: {points[0]['encoder']} cosine to the references, at steps "
-                                f"{points[0]['step']}..{points[-1]['step']}")
+        below = line_plot([r["fidelity"] for r in points], x_ends=(f"step {points[0]['step']}", points[-1]["step"]),
+                          title=f"fidelity of the validation pictures: {points[0]['encoder']} cosine to the "
+                                f"references, every validation step")
         both = Image.new("RGB", (plot.width, plot.height + below.height), "white")
         both.paste(plot, (0, 0))
         both.paste(below, (0, plot.height))
