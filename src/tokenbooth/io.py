@@ -78,3 +78,11 @@ def read_json_object(path: Path, what: str) -> dict:
     if not isinstance(obj, dict):
         raise UserError(f"{what} {path} must hold a JSON object, not a {type(obj).__name__}")
     return obj
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines log a run wrote itself (log.jsonl, fidelity.jsonl); none where it is missing."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

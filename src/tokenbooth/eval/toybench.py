@@ -67,7 +67,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..io import atomic_save_image, atomic_write_json, atomic_write_text, check_can_create, read_json_object
+from ..io import (atomic_save_image, atomic_write_json, atomic_write_text, check_can_create, read_json_object,
+                  read_jsonl)
 from ..toyworld import DEV_SUBJECTS, TEST_SUBJECTS, Scene, render
 from ..toyworld.world import ACCENT_PHRASES, BACKGROUND_PHRASES, PATTERN_WORDS, WEARS_ACCESSORIES
 from . import metrics
@@ -351,6 +352,7 @@ class Bench:
         """Fidelity along the run (--validation-steps): the first new backgrounds, drawn every N steps."""
         if not self.cfg.validation_steps:
             return {}
+        # without a class (the run's recorded settings, shared by every subject) the prompts name it "{class}"
         prompts = [f"a {PLACEHOLDER} {class_name or '{class}'} {BACKGROUND_PHRASES[bg][0]}"
                    for bg in NEW_BACKGROUNDS[:VALIDATION_PROMPTS]]
         return dict(validation_steps=self.cfg.validation_steps, validation_prompts=prompts)
@@ -513,10 +515,7 @@ def fidelity_along_the_run(bench: Bench) -> dict:
     for row in [r for r in bench.rows if r in RECIPES]:
         by_step: dict[int, list[float]] = {}
         for inst in bench.subjects:
-            path = bench.folder(inst) / "adapters" / row / FIDELITY_LOG
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
-                if path.is_file() else []
-            for r in records:
+            for r in read_jsonl(bench.folder(inst) / "adapters" / row / FIDELITY_LOG):
                 by_step.setdefault(r["step"], []).append(r["fidelity"])
         along[row] = {step: round(float(np.mean(v)), 4) for step, v in sorted(by_step.items())}
     return along

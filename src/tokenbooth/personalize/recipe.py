@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError, warn
-from ..io import atomic_path, atomic_save_image, atomic_write_json, read_json_object
+from ..io import atomic_path, atomic_save_image, atomic_write_json, read_json_object, read_jsonl
 from ..vq import pil_to_tensor
 from . import adapter as adapter_files
 from .lean import make_optimizer
@@ -456,10 +456,9 @@ def start_from_stage1(checkpoint: Path, out: Path) -> None:
     for name in ("log.jsonl", FIDELITY_LOG):
         log = checkpoint.parent.parent / name
         if log.exists():
-            records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             # an embedding-only run's "final" grid is its [V] at the end of stage 1, where this run goes on
             records = [{**r, "stage": "embedding"} if r.get("stage") == "final" else r
-                       for r in records if r["step"] <= step]
+                       for r in read_jsonl(log) if r["step"] <= step]
             with atomic_path(out / name) as tmp_log:
                 tmp_log.write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -634,6 +633,7 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
     if main:
         _truncate_log(log_path, state.global_step)  # an interrupted run may have logged past its last checkpoint
         _truncate_log(out / FIDELITY_LOG, state.global_step)
+    # only the process that writes files scores (log_fidelity does nothing without a scorer)
     fidelity = fidelity_scorer(backbone, images) if cfg.validation_prompts and main else None
     for stage_index, (stage, steps) in enumerate(cfg.plan):
         if stage_index < state.stage_index:
@@ -684,8 +684,7 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
             if cfg.validation_prompts and state.global_step % cfg.validation_steps == 0 and not finished:
                 pictures = render_validation(backbone, placeholder, cfg,
                                              out / "validation" / f"step-{state.global_step}.png", write=main)
-                if main:
-                    log_fidelity(out, fidelity, pictures, state.global_step, stage)
+                log_fidelity(out, fidelity, pictures, state.global_step, stage)
             if state.global_step == stop_after and not finished:
                 bar.close()
                 backbone.model.eval()
@@ -696,8 +695,7 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
     save_final_adapter(backbone, placeholder, layer_params, lora_config, cfg, out, write=main)
     if cfg.validation_prompts:
         pictures = render_validation(backbone, placeholder, cfg, out / "validation" / "final.png", write=main)
-        if main:
-            log_fidelity(out, fidelity, pictures, state.global_step, "final")
+        log_fidelity(out, fidelity, pictures, state.global_step, "final")
     if main:
         write_loss_plot(log_path, out / "loss.png")
     if sharding is not None:
@@ -855,6 +853,7 @@ def fidelity_scorer(backbone, references):
 
 
 def log_fidelity(out: Path, scorer, pictures: list, step: int, stage: str) -> None:
+    """One fidelity.jsonl record; nothing where no scorer (no encoder, or not the writing process)."""
     if scorer is not None:
         value, encoder = scorer(pictures)
         _append_log(out / FIDELITY_LOG, {"step": step, "stage": stage, "fidelity": round(value, 4),
@@ -867,15 +866,11 @@ def write_loss_plot(log_path: Path, png: Path) -> None:
 
     from ..images import line_plot
 
-    if not log_path.exists():
-        return
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    records = read_jsonl(log_path)
     if not records:
         return
     plot = line_plot([r["loss"] for r in records], title="training loss (image tokens)")
-    fidelity_path = log_path.parent / FIDELITY_LOG
-    points = [json.loads(line) for line in fidelity_path.read_text().splitlines() if line.strip()] \
-        if fidelity_path.exists() else []
+    points = read_jsonl(log_path.parent / FIDELITY_LOG)
     if points:
         below = line_plot([r["fidelity"] for r in points], x_ends=(f"step {points[0]['step']}", points[-1]["step"]),
                           title=f"fidelity of the validation pictures: {points[0]['encoder']} cosine to the "
