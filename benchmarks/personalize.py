@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 
 from tokenbooth.backbones import load_backbone
-from tokenbooth.io import atomic_write_json
+from tokenbooth.io import atomic_write_json, read_jsonl
 from tokenbooth.personalize import TrainConfig, load_reference_images, train
-from tokenbooth.personalize.recipe import Placeholder, batch_loss, make_batch, reference_tokens
+from tokenbooth.personalize import run_folder
+from tokenbooth.personalize.loss import batch_loss, make_batch, reference_tokens
+from tokenbooth.personalize.placeholder import Placeholder
 from tokenbooth.vq import pil_to_tensor
 from tokenbooth.toyworld import demo_subject
 
@@ -42,9 +44,7 @@ def seconds_per_step(model: str, images, steps: int, **overrides) -> float:
     cfg = TrainConfig.for_family(backbone.family, class_name="robot", **overrides)
     with tempfile.TemporaryDirectory() as out:
         train(backbone, images, cfg, Path(out), progress=False)
-        import json
-
-        records = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+        records = read_jsonl(Path(out) / run_folder.LOG)
     times = [r["seconds"] for r in records][1:]
     return sum(times) / len(times)
 

@@ -1,34 +1,15 @@
-"""Shared fixtures: a tiny random-weight Chameleon backbone saved in the real on-disk format, so tests go
-through the same loading and sampling code as mini and Lumina-mGPT, in seconds."""
+"""Shared fixtures: tiny random-weight models saved in the real on-disk formats, so tests go through the same
+loading and sampling code as mini, Lumina-mGPT and Janus-Pro, in seconds. Plain functions the tests share are
+in helpers.py."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from helpers import build_tiny_model_folder, subject_images, write_janus_folder
 
 torch.set_flush_denormal(True)
 torch.set_num_threads(1)  # tiny models: thread start-up costs more than it saves
-
-
-def build_tiny_model_folder(folder, seed: int = 0):
-    from transformers import ChameleonForConditionalGeneration
-
-    from tokenbooth.backbones.chameleon import ChameleonBackbone, ChameleonSpec, save_chameleon
-    from tokenbooth.toyworld import caption, pretraining_scene
-    from tokenbooth.vq import VQGAN, VQGANConfig
-    from tokenbooth.backbones.chameleon_build import chameleon_config, train_bpe_tokenizer
-
-    torch.manual_seed(seed)
-    vq_cfg = VQGANConfig(embed_dim=16, n_embed=64, z_channels=32, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16)
-    rng = random.Random(seed)
-    tokenizer = train_bpe_tokenizer([caption(pretraining_scene(i), rng) for i in range(300)], vq_cfg.n_embed, 40)
-    config = chameleon_config(tokenizer.get_vocab(), n_codes=vq_cfg.n_embed, hidden=64, layers=2, heads=4, context=160)
-    backbone = ChameleonBackbone("tiny", ChameleonForConditionalGeneration(config).eval(), tokenizer,
-                                 VQGAN(vq_cfg).eval(), ChameleonSpec(resolution=16, size_unit=4, family="mini"))
-    save_chameleon(backbone, folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -43,10 +24,21 @@ def tiny_backbone(tiny_model_dir):
     return load_backbone(str(tiny_model_dir))
 
 
-def run_cli(capsys, *argv):
-    """Runs `tokenbooth ARGV` in-process: (exit code, stdout, stderr)."""
-    from tokenbooth.cli import main
+@pytest.fixture(scope="session")
+def janus_dir(tmp_path_factory):
+    """A tiny Janus-Pro folder as the Hub's are: bf16 weights."""
+    return write_janus_folder(tmp_path_factory.mktemp("published") / "tiny-janus")
 
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+
+@pytest.fixture(scope="session")
+def janus_fp32_dir(tmp_path_factory):
+    """The same tiny Janus-Pro in fp32, for tests that compare numbers exactly (bf16 rounds them apart)."""
+    return write_janus_folder(tmp_path_factory.mktemp("janus-fp32") / "tiny-janus", dtype=torch.float32)
+
+
+@pytest.fixture
+def refs(tmp_path):
+    """The reference pictures of helpers.subject_images, loaded at the tiny model's 16 px."""
+    from tokenbooth.personalize import load_reference_images  # the recipe's layer: see helpers.py's docstring
+
+    return load_reference_images(subject_images(tmp_path / "refs"), 16)

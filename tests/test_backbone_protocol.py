@@ -10,7 +10,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from test_backbones_real import write_janus_folder
 
 from tokenbooth.backbones import chameleon_build, load_backbone
 from tokenbooth.errors import UserError
@@ -53,9 +52,8 @@ def shuffled(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def janus(tmp_path_factory):
-    folder = write_janus_folder(tmp_path_factory.mktemp("janus") / "tiny-janus", dtype=torch.float32)
-    return load_backbone(str(folder))
+def janus(janus_fp32_dir):
+    return load_backbone(str(janus_fp32_dir))
 
 
 def a_sequence_with_an_image(backbone, seed: int = 0) -> torch.Tensor:
@@ -98,7 +96,17 @@ def test_janus_image_logits_are_transformers_generation_head_on_its_image_embedd
 
 
 def test_chameleon_training_sequences_end_with_lumina_mgpts_turn_end(tiny_backbone):
-    assert tiny_backbone.layout.trailer == (tiny_backbone.tokenizer.token_to_id("<reserved08706>"),)
+    """mini's pretraining sequences end as Lumina-mGPT's conversations do: <eoss>, then the turn end
+    <reserved08706>, which the model learns to predict (so it stops after an image, as Lumina-mGPT does)."""
+    from tokenbooth.pretrain.mini import training_batch
+    from tokenbooth.toyworld import pretraining_scene
+
+    layout, turn_end = tiny_backbone.layout, tiny_backbone.tokenizer.token_to_id("<reserved08706>")
+    codes = torch.zeros(2, layout.rows, layout.cols, dtype=torch.long)
+    ids, labels = training_batch(tiny_backbone, [pretraining_scene(0), pretraining_scene(1)], codes, [0, 1], step=0)
+    for row, row_labels in zip(ids.tolist(), labels.tolist()):
+        end = max(i for i, label in enumerate(row_labels) if label != -100)  # the last trained position
+        assert row[end - 1 : end + 1] == [layout.image_end, turn_end] and row_labels[end] == turn_end
 
 
 # --- trainable parameters --------------------------------------------------------------------------------

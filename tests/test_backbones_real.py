@@ -19,60 +19,20 @@ import socket
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import (CAPTIONS, JANUS_RES, LUMINA_RES, VQ_CFG, byte_bpe, quick, run_cli, write_janus_folder,
+                     write_meta_vqgan)
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tokenbooth.backbones import load_backbone
 from tokenbooth.errors import UserError
-from tokenbooth.personalize import TrainConfig, load_adapter, load_reference_images, train
+from tokenbooth.personalize import load_adapter, load_reference_images, train
 from tokenbooth.sampling import SamplingConfig, sample_image_tokens
 from tokenbooth.sampling.sampler import sample_image_body
-from tokenbooth.vq import VQGAN, VQGANConfig, load_vqgan
-
-LUMINA_RES = 64  # a multiple of Lumina-mGPT's 32-pixel size unit; with 16x downsampling a 4 x 4 grid
-VQ_CFG = VQGANConfig(embed_dim=8, n_embed=64, z_channels=32, ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1,
-                     attn_resolutions=(4,), resolution=LUMINA_RES)
-CAPTIONS = ["a photo of a red robot on the beach", "a cup on the grass", "a dog in the snow", "a rendition of a toy"]
-
-
-def byte_bpe(texts, specials):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=len(specials) + 256 + 60, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts * 10, trainer)
-    return tok
-
+from tokenbooth.vq import load_vqgan
 
 # --- Meta's VQGAN as released --------------------------------------------------------------------------
-
-VQGAN_YAML = """model:
-  base_learning_rate: 4.5e-06
-  target: taming.models.vqgan.VQModel
-  params:
-    embed_dim: {embed_dim}
-    n_embed: {n_embed}
-    ddconfig:
-      double_z: false
-      z_channels: {z_channels}
-      resolution: {resolution}
-      in_channels: 3
-      out_ch: 3
-      ch: {ch}
-      ch_mult: [{ch_mult}]
-      num_res_blocks: {num_res_blocks}
-      attn_resolutions: [4]
-      dropout: 0.0
-    lossconfig:
-      target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator
-      params:
-        disc_start: 0
-        disc_weight: 0.8
-"""
+# (written by helpers.write_meta_vqgan)
 
 # Key names of taming's VQModel as Chameleon's vqgan.ckpt holds them (the reference readers in
 # facebookresearch/chameleon and Lumina-mGPT's chameleon_vae_ori build exactly these modules).
@@ -81,22 +41,6 @@ REAL_KEYS = ["encoder.conv_in.weight", "encoder.down.0.block.0.norm1.weight", "e
              "quant_conv.weight", "quantize.embedding.weight", "post_quant_conv.bias", "decoder.conv_in.weight",
              "decoder.mid.block_2.conv2.weight", "decoder.up.1.upsample.conv.weight", "decoder.up.4.attn.1.k.weight",
              "decoder.up.0.block.1.conv1.weight", "decoder.conv_out.weight"]
-
-
-def write_meta_vqgan(folder, cfg=VQ_CFG, extra=None, seed=0):
-    """vqgan.yaml + a Lightning vqgan.ckpt: state_dict with the loss networks, training state beside it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    state = dict(VQGAN(cfg).state_dict())
-    state["loss.discriminator.main.0.weight"] = torch.randn(8, 3, 4, 4)
-    state["loss.perceptual_loss.net.slice1.0.weight"] = torch.randn(8, 3, 3, 3)
-    ckpt = {"epoch": 4, "global_step": 1000, "pytorch-lightning_version": "1.4.2", "state_dict": state,
-            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 4.5e-6}]}], "lr_schedulers": [],
-            "callbacks": {}, **(extra or {})}
-    torch.save(ckpt, folder / "vqgan.ckpt")
-    fields = {**cfg.__dict__, "ch_mult": ", ".join(map(str, cfg.ch_mult))}
-    (folder / "vqgan.yaml").write_text(VQGAN_YAML.format(**fields))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -273,12 +217,6 @@ def test_lumina_image_round_trip_and_generated_layout(lumina):
 
 # --- personalization on both backbones --------------------------------------------------------------
 
-def quick(**kw) -> TrainConfig:
-    base = dict(class_name="robot", stage1_steps=2, stage2_steps=2, stage1_lr=1e-2, stage2_lr=1e-3, batch_size=2,
-                checkpointing_steps=100)
-    return TrainConfig(**{**base, **kw})
-
-
 def subject_folder(folder, size):
     folder.mkdir(parents=True, exist_ok=True)
     for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
@@ -302,13 +240,14 @@ def is_llm_qkv(name):
 def test_lumina_stages_change_only_the_placeholder_then_qkv_and_the_adapter_reloads(lumina, lumina_dir, tmp_path):
     refs = load_reference_images(subject_folder(tmp_path / "refs", LUMINA_RES), LUMINA_RES)
     before = values(lumina)
-    out = train(lumina, refs, quick(stages="embedding"), tmp_path / "s1", progress=False)
+    out = train(lumina, refs, quick("model", stage1_steps=2, stages="embedding"), tmp_path / "s1", progress=False)
     assert changed(before, lumina) == set()
     assert load_file(str(out / "learned_embeds.safetensors"))["[V]"].dtype == torch.float32
 
     fresh = load_backbone(str(lumina_dir), resolution=LUMINA_RES)
     before = values(fresh)
-    out = train(fresh, refs, quick(gradient_checkpointing=True), tmp_path / "s2", progress=False)
+    out = train(fresh, refs, quick("model", stage1_steps=2, gradient_checkpointing=True), tmp_path / "s2",
+                progress=False)
     assert all(layer.gradient_checkpointing for layer in fresh.model.model.layers)
     assert not fresh.model.training  # back in eval mode: sampling after training keeps its KV cache
     moved = changed(before, fresh)
@@ -336,50 +275,7 @@ def test_lumina_train_then_generate_with_the_adapter_from_the_command_line(lumin
 
 
 # --- Janus-Pro as published ---------------------------------------------------------------------------
-
-JANUS_SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<image_placeholder>",
-                  "<begin_of_image>", "<end_of_image>"]
-JANUS_RES = 16  # the vision tower's image_size; the VQ model downsamples 2x here: an 8 x 8 grid
-
-
-def write_janus_folder(folder, seed=0, peaked=False, dtype=torch.bfloat16, spare_rows=24):
-    """What deepseek-community/Janus-Pro-1B holds, in miniature: more embedding rows than tokenizer entries."""
-    from tokenizers import AddedToken
-    from transformers import JanusConfig, JanusForConditionalGeneration
-
-    tok = byte_bpe([f"<|User|>: {c}\n\n<|Assistant|>:" for c in CAPTIONS], [])
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in JANUS_SPECIALS])
-    ids = {s: tok.token_to_id(s) for s in JANUS_SPECIALS}
-    config = JanusConfig(
-        text_config=dict(model_type="llama", vocab_size=tok.get_vocab_size() + spare_rows, hidden_size=64,
-                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=256, bos_token_id=ids[JANUS_SPECIALS[0]],
-                         eos_token_id=ids[JANUS_SPECIALS[1]], pad_token_id=ids[JANUS_SPECIALS[2]]),
-        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=JANUS_RES,
-                           patch_size=2, projection_dim=64, num_image_tokens=64, mlp_ratio=2.0),
-        vq_config=dict(embed_dim=4, num_embeddings=32, base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1,
-                       latent_channels=32, projection_dim=64, image_token_embed_dim=64, num_patches=8),
-        image_token_id=ids["<image_placeholder>"])
-    torch.manual_seed(seed)
-    model = JanusForConditionalGeneration(config)
-    if peaked:  # random weights give near-uniform image logits; scaled ones make greedy decoding meaningful
-        with torch.no_grad():
-            model.model.generation_embeddings.weight.mul_(30)
-            model.model.generation_head.vision_head.weight.mul_(30)
-    model.to(dtype).save_pretrained(folder)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "generation_config.json").write_text(json.dumps(  # as transformers' Janus conversion writes it
-        {"guidance_scale": 5, "temperature": 1, "pad_token_id": ids["<｜▁pad▁｜>"],
-         "boi_token_id": ids["<begin_of_image>"], "bos_token_id": ids[JANUS_SPECIALS[0]]}))
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": JANUS_SPECIALS[0], "eos_token": JANUS_SPECIALS[1], "pad_token": JANUS_SPECIALS[2]}))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def janus_dir(tmp_path_factory):
-    return write_janus_folder(tmp_path_factory.mktemp("published") / "tiny-janus")
-
+# (the folder: conftest's janus_dir, written by helpers.write_janus_folder in bf16 as the Hub's are)
 
 @pytest.fixture
 def janus(janus_dir):
@@ -441,17 +337,18 @@ def test_janus_stages_and_lora_touch_only_the_language_model(janus_dir, tmp_path
     refs = load_reference_images(subject_folder(tmp_path / "refs", JANUS_RES), JANUS_RES)
     janus = load_backbone(str(janus_dir))
     before = values(janus)
-    train(janus, refs, quick(stages="embedding"), tmp_path / "s1", progress=False)
+    train(janus, refs, quick("model", stage1_steps=2, stages="embedding"), tmp_path / "s1", progress=False)
     assert changed(before, janus) == set()
 
     janus = load_backbone(str(janus_dir))
     before = values(janus)
-    train(janus, refs, quick(), tmp_path / "s2", progress=False)
+    train(janus, refs, quick("model", stage1_steps=2), tmp_path / "s2", progress=False)
     moved = changed(before, janus)
     assert moved and all(is_llm_qkv(k) for k in moved)
 
     janus = load_backbone(str(janus_dir))
-    out = train(janus, refs, quick(layers="lora", lora_rank=2), tmp_path / "lora", progress=False)
+    out = train(janus, refs, quick("model", stage1_steps=2, layers="lora", lora_rank=2), tmp_path / "lora",
+                progress=False)
     lora = load_file(str(out / "lora" / "adapter_model.safetensors"))
     assert lora and all(".language_model.layers." in k for k in lora)
     reloaded = load_adapter(load_backbone(str(janus_dir)), out)

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import make_dreambench
 from PIL import Image
 
 from tokenbooth.cli import main
@@ -108,8 +109,6 @@ def inputs(tiny_model_dir, tmp_path_factory):
             {"prompt": "x", "images": ["0.png", "gone.png"]})}.items():
         generated[name] = _images(root / name, 2)
         (generated[name] / "generate.json").write_text(meta)
-
-    from test_eval import make_dreambench
 
     dreambench = make_dreambench(root / "dreambench")
     (root / "bad.yaml").write_text("model: [unclosed")

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_cli
-from PIL import Image
+from helpers import run_cli, subject_images, write_meta_vqgan
 from safetensors.torch import load_file
-from test_personalize import subject_images
 
 from tokenbooth.backbones import load_backbone
 from tokenbooth.personalize import TrainConfig, load_reference_images, train
@@ -29,9 +27,20 @@ def test_lumina_mgpt_trains_and_samples_with_the_papers_settings():
     assert TrainConfig.for_family("lumina-mgpt", class_name="dog", stage2_steps=5).stage2_steps == 5  # flags win
 
 
-def test_janus_pro_starts_from_the_papers_training_settings():
-    janus, lumina = (TrainConfig.for_family(f, class_name="dog") for f in ("janus-pro", "lumina-mgpt"))
-    assert janus == lumina
+def test_janus_pro_starts_from_the_papers_training_settings(janus_dir, tmp_path, capsys, monkeypatch):
+    """`tokenbooth train` on a Janus-Pro folder hands the trainer the settings Lumina-mGPT trains with in the
+    paper (it reports none for Janus-Pro); the run itself is replaced, the settings are what is checked."""
+    import tokenbooth.commands.train as train_command
+
+    received = []
+    monkeypatch.setattr(train_command, "train", lambda backbone, images, cfg, out, **_: received.append(cfg))
+    code, _, err = run_cli(capsys, "train", "--model", janus_dir, "--images", subject_images(tmp_path / "refs"),
+                           "--class-name", "dog", "--output", tmp_path / "a")
+    assert code == 0, err
+    [cfg] = received
+    paper = (1500, 0.01, 70, 5e-6, 8)
+    assert (cfg.stage1_steps, cfg.stage1_lr, cfg.stage2_steps, cfg.stage2_lr, cfg.batch_size) == paper
+    assert cfg == TrainConfig.for_family("lumina-mgpt", class_name="dog")
 
 
 # --- --init-token -------------------------------------------------------------------------------------------
@@ -80,7 +89,6 @@ def test_flip_adds_a_mirrored_copy_of_every_reference(tiny_model_dir, tmp_path, 
 def test_the_vqgan_is_taken_from_the_model_folder_then_the_environment_then_the_cache(tmp_path, monkeypatch):
     from tokenbooth.backbones.chameleon import find_vqgan
     from tokenbooth.vq import VQGAN, VQGANConfig, save_vqgan
-    from test_backbones_real import write_meta_vqgan
 
     cfg = VQGANConfig(embed_dim=4, n_embed=16, z_channels=32, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16)
     model, env, cache = tmp_path / "model", tmp_path / "env", tmp_path / "xdg" / "tokenbooth" / "chameleon-vqgan"

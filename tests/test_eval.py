@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import PROMPTS_AND_CLASSES, make_dreambench, run_cli, toy_images
 from PIL import Image
 
 from tokenbooth.errors import UserError
 from tokenbooth.eval import metrics
-from tokenbooth.toyworld import Scene, render, reserved_instances
 
 # --- tiny encoders in the real formats ----------------------------------------------------------------
 
@@ -161,8 +160,8 @@ def save_torchscript_archive(state: dict, path: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def encoders(tmp_path_factory):
-    """Paths of the tiny DINO and CLIP in each format."""
+def dino_and_clip(tmp_path_factory):
+    """Paths of the tiny DINO and CLIP in each format the loaders read (not test_toybench's DINO and reader)."""
     root = tmp_path_factory.mktemp("encoders")
     dino = tiny_dino()
     dino.save_pretrained(root / "dino-hf")
@@ -175,12 +174,6 @@ def encoders(tmp_path_factory):
     write_openai_bpe(root / "openai" / "bpe_simple_vocab_16e6.txt.gz")
     return {"dino-hf": root / "dino-hf", "dino-pth": root / "dino_deitsmall16_pretrain.pth",
             "clip-hf": root / "clip-hf", "clip-pt": root / "openai" / "ViT-B-32.pt"}
-
-
-def toy_images(n: int, instance: int = 0, size: int = 40) -> list[Image.Image]:
-    inst = reserved_instances()[instance]
-    return [render(Scene(inst, bg, "center", "large", None, i), size)
-            for i, bg in enumerate(["white", "grass", "beach", "wood", "snow"][:n])]
 
 
 # --- preprocessing, placeholder, similarity math ----------------------------------------------------------
@@ -246,34 +239,34 @@ def test_aggregation_paper_averages_subjects_and_all_pairs_pools_every_pair():
 
 # --- loaders ----------------------------------------------------------------------------------------------
 
-def test_dino_from_a_hf_folder_and_from_the_original_pth_give_the_same_features(encoders):
+def test_dino_from_a_hf_folder_and_from_the_original_pth_give_the_same_features(dino_and_clip):
     images = toy_images(3)
-    a = metrics.load_dino(str(encoders["dino-hf"])).embed_images(images)
-    b = metrics.load_dino(str(encoders["dino-pth"])).embed_images(images)
+    a = metrics.load_dino(str(dino_and_clip["dino-hf"])).embed_images(images)
+    b = metrics.load_dino(str(dino_and_clip["dino-pth"])).embed_images(images)
     assert a.shape == (3, 128) and torch.allclose(a, b, atol=1e-5)
 
 
-def test_clip_from_a_hf_folder_and_from_openais_jit_archive_give_the_same_features(encoders):
+def test_clip_from_a_hf_folder_and_from_openais_jit_archive_give_the_same_features(dino_and_clip):
     images, texts = toy_images(2), ["a robot on the beach", "the teddy in the snow"]
-    hf, jit = metrics.load_clip(str(encoders["clip-hf"])), metrics.load_clip(str(encoders["clip-pt"]))
+    hf, jit = metrics.load_clip(str(dino_and_clip["clip-hf"])), metrics.load_clip(str(dino_and_clip["clip-pt"]))
     assert torch.allclose(hf.embed_images(images), jit.embed_images(images), atol=1e-4)
     assert hf.tokenizer(texts)["input_ids"] == jit.tokenizer(texts)["input_ids"]
     assert torch.allclose(hf.embed_texts(texts), jit.embed_texts(texts), atol=1e-4)
 
 
-def test_a_hub_id_loads_from_the_hugging_face_cache_without_the_network(encoders, tmp_path, monkeypatch):
+def test_a_hub_id_loads_from_the_hugging_face_cache_without_the_network(dino_and_clip, tmp_path, monkeypatch):
     import shutil
 
     import huggingface_hub.constants
 
     snapshot = tmp_path / "hub" / "models--someone--tiny-dino" / "snapshots" / "0123abcd"
-    shutil.copytree(encoders["dino-hf"], snapshot)
+    shutil.copytree(dino_and_clip["dino-hf"], snapshot)
     (tmp_path / "hub" / "models--someone--tiny-dino" / "refs").mkdir()
     (tmp_path / "hub" / "models--someone--tiny-dino" / "refs" / "main").write_text("0123abcd")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     images = toy_images(2)
     cached = metrics.load_dino("someone/tiny-dino").embed_images(images)
-    assert torch.allclose(cached, metrics.load_dino(str(encoders["dino-hf"])).embed_images(images))
+    assert torch.allclose(cached, metrics.load_dino(str(dino_and_clip["dino-hf"])).embed_images(images))
 
 
 @pytest.mark.parametrize("flag,value,message", [
@@ -282,10 +275,10 @@ def test_a_hub_id_loads_from_the_hugging_face_cache_without_the_network(encoders
     ("dino", "clip-pt", "does not hold DINO ViT weights"),
     ("clip", "dino-pth", "does not hold OpenAI CLIP"),
 ])
-def test_weights_of_the_wrong_architecture_are_refused(encoders, flag, value, message):
+def test_weights_of_the_wrong_architecture_are_refused(dino_and_clip, flag, value, message):
     load = metrics.load_dino if flag == "dino" else metrics.load_clip
     with pytest.raises(UserError, match=message):
-        load(str(encoders[value]))
+        load(str(dino_and_clip[value]))
 
 
 def test_missing_weights_say_what_to_download_and_where(tmp_path, monkeypatch, capsys):
@@ -320,7 +313,7 @@ def test_an_archive_that_would_run_code_is_refused(tmp_path):
         metrics.load_clip(str(path))
 
 
-def test_score_any_folder_against_references(encoders, tmp_path, capsys):
+def test_score_any_folder_against_references(dino_and_clip, tmp_path, capsys):
     gen, refs = tmp_path / "gen", tmp_path / "refs"
     gen.mkdir(), refs.mkdir()
     for i, im in enumerate(toy_images(3, instance=0)):
@@ -329,7 +322,8 @@ def test_score_any_folder_against_references(encoders, tmp_path, capsys):
         im.save(gen / f"{i}.png")
     out = tmp_path / "scores.json"
     code, stdout, err = run_cli(capsys, "score", "--images", gen, "--references", refs, "--prompt", "a [V] robot",
-                                "--dino", encoders["dino-pth"], "--clip", encoders["clip-hf"], "--output", out)
+                                "--dino", dino_and_clip["dino-pth"], "--clip", dino_and_clip["clip-hf"],
+                                "--output", out)
     assert code == 0, err
     saved = json.loads(out.read_text())
     assert [r["file"] for r in saved["images"]] == ["0.png", "1.png"]
@@ -337,7 +331,7 @@ def test_score_any_folder_against_references(encoders, tmp_path, capsys):
     assert len(saved["real"]) == 3 and "real images" in stdout
 
 
-def test_score_on_generates_output_scores_the_images_it_drew_not_the_grid(encoders, tmp_path, capsys):
+def test_score_on_generates_output_scores_the_images_it_drew_not_the_grid(dino_and_clip, tmp_path, capsys):
     from tokenbooth.images import make_grid
 
     gen, refs = tmp_path / "gen", tmp_path / "refs"
@@ -353,7 +347,7 @@ def test_score_on_generates_output_scores_the_images_it_drew_not_the_grid(encode
     (tmp_path / "prompts.txt").write_text("a [V] robot\na [V] robot on the grass\n")  # one line per drawn image
     out = tmp_path / "scores.json"
     code, _, err = run_cli(capsys, "score", "--images", gen, "--references", refs, "--prompts", tmp_path / "prompts.txt",
-                           "--dino", encoders["dino-pth"], "--clip", encoders["clip-hf"], "--output", out)
+                           "--dino", dino_and_clip["dino-pth"], "--clip", dino_and_clip["clip-hf"], "--output", out)
     assert code == 0, err
     assert [r["file"] for r in json.loads(out.read_text())["images"]] == ["image-000.png", "image-001.png"]
 
@@ -370,42 +364,6 @@ def test_an_unwritable_score_output_is_refused_before_any_encoder_loads(tmp_path
 
 
 # --- DreamBench ---------------------------------------------------------------------------------------------
-
-PROMPTS_AND_CLASSES = """Classes
-
-subject_name,class
-red_robot,robot
-teddy,teddy
-cat2,cat
-
-Prompts
-
-Object Prompts
-
-prompt_list = [
-'a {0} {1} in the jungle'.format(unique_token, class_token),
-'a red {0} {1}'.format(unique_token, class_token)
-]
-
-Live Subject Prompts
-
-prompt_list = [
-'a {0} {1} in the snow'.format(unique_token, class_token),
-'a {0} {1} wearing a red hat'.format(unique_token, class_token)
-]
-"""
-
-
-def make_dreambench(folder: Path) -> Path:
-    """DreamBench's layout in small: a folder of JPEGs per subject and prompts_and_classes.txt."""
-    folder.mkdir(parents=True)
-    (folder / "prompts_and_classes.txt").write_text(PROMPTS_AND_CLASSES)
-    for instance, name in enumerate(["red_robot", "teddy", "cat2"]):
-        (folder / name).mkdir()
-        for i, im in enumerate(toy_images(3, instance=instance, size=48)):
-            im.crop((0, 0, 48, 40)).save(folder / name / f"{i:02d}.jpg")  # not square, like the real photos
-    return folder
-
 
 def test_prompts_and_classes_is_read_as_google_wrote_it(tmp_path):
     from tokenbooth.eval.dreambench import read_dreambench
@@ -465,15 +423,16 @@ def test_dreambench_list_shows_subjects_classes_images_and_prompts_without_loadi
     assert not (tmp_path / "runs").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
 
 
-def bench_args(dataset, model, encoders, out, *extra):
-    return ["eval", "dreambench", "--data", dataset, "--model", model, "--dino", encoders["dino-pth"],
-            "--clip", encoders["clip-pt"], "--output", out, "--stage1-steps", "1", "--stage2-steps", "1",
+def bench_args(dataset, model, dino_and_clip, out, *extra):
+    return ["eval", "dreambench", "--data", dataset, "--model", model, "--dino", dino_and_clip["dino-pth"],
+            "--clip", dino_and_clip["clip-pt"], "--output", out, "--stage1-steps", "1", "--stage2-steps", "1",
             "--batch-size", "1", *extra]
 
 
-def test_dreambench_runs_subjects_writes_tables_and_skips_finished_ones(tiny_model_dir, encoders, tmp_path, capsys):
+def test_dreambench_runs_subjects_writes_tables_and_skips_finished_ones(tiny_model_dir, dino_and_clip, tmp_path,
+                                                                       capsys):
     dataset, out = make_dreambench(tmp_path / "dataset"), tmp_path / "run"
-    code, stdout, err = run_cli(capsys, *bench_args(dataset, tiny_model_dir, encoders, out,
+    code, stdout, err = run_cli(capsys, *bench_args(dataset, tiny_model_dir, dino_and_clip, out,
                                                     "--subjects", "red_robot,cat2", "--images-per-prompt", "2"))
     assert code == 0, err
     for name in ("red_robot", "cat2"):
@@ -495,7 +454,8 @@ def test_dreambench_runs_subjects_writes_tables_and_skips_finished_ones(tiny_mod
     (out / "subjects" / "cat2" / "scores.json").unlink()  # cat2 interrupted after drawing, before scoring
     (out / "subjects" / "cat2" / "images" / "01-1.png").unlink()
     adapter_stamp = (out / "subjects" / "cat2" / "adapter" / "adapter_config.json").stat().st_mtime_ns
-    code, stdout, err = run_cli(capsys, *bench_args(dataset, tiny_model_dir, encoders, out, "--images-per-prompt", "2"))
+    code, stdout, err = run_cli(capsys, *bench_args(dataset, tiny_model_dir, dino_and_clip, out,
+                                                    "--images-per-prompt", "2"))
     assert code == 0, err
     assert "1 already finished, 2 to do" in stdout
     assert (out / "subjects" / "red_robot" / "scores.json").stat().st_mtime_ns == stamp
@@ -503,11 +463,11 @@ def test_dreambench_runs_subjects_writes_tables_and_skips_finished_ones(tiny_mod
     assert (out / "subjects" / "cat2" / "images" / "01-1.png").is_file()
     assert json.loads((out / "overall.json").read_text())["missing_subjects"] == []
 
-    code, _, err = run_cli(capsys, *bench_args(dataset, tiny_model_dir, encoders, out))  # 1 image per prompt now
+    code, _, err = run_cli(capsys, *bench_args(dataset, tiny_model_dir, dino_and_clip, out))  # 1 image per prompt now
     assert code == 1 and "other settings (images_per_prompt: 2 there, 1 now)" in err
 
 
-def test_an_interrupted_run_keeps_finished_subjects_and_exits_non_zero(tiny_model_dir, encoders, tmp_path, capsys,
+def test_an_interrupted_run_keeps_finished_subjects_and_exits_non_zero(tiny_model_dir, dino_and_clip, tmp_path, capsys,
                                                                        monkeypatch):
     import tokenbooth.eval.dreambench as dreambench
 
@@ -521,14 +481,14 @@ def test_an_interrupted_run_keeps_finished_subjects_and_exits_non_zero(tiny_mode
 
     monkeypatch.setattr(dreambench, "run_subject", interrupted_on_the_second)
     dataset, out = make_dreambench(tmp_path / "dataset"), tmp_path / "run"
-    code, _, err = run_cli(capsys, *bench_args(dataset, tiny_model_dir, encoders, out))
+    code, _, err = run_cli(capsys, *bench_args(dataset, tiny_model_dir, dino_and_clip, out))
     assert code == 130 and "interrupted" in err
     assert json.loads((out / "subjects" / "red_robot" / "scores.json").read_text())["subject"] == "red_robot"
     assert not (out / "subjects" / "teddy" / "scores.json").exists() and not (out / "overall.json").exists()
     assert not list(out.rglob("*.tmp"))
 
 
-def test_accelerate_launch_shares_subjects_between_two_processes(tiny_model_dir, encoders, tmp_path):
+def test_accelerate_launch_shares_subjects_between_two_processes(tiny_model_dir, dino_and_clip, tmp_path):
     dataset, out = make_dreambench(tmp_path / "dataset"), tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     with socket.socket() as s:  # a free port for the processes to meet on
@@ -538,7 +498,7 @@ def test_accelerate_launch_shares_subjects_between_two_processes(tiny_model_dir,
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
               str(port), "-m", "tokenbooth.eval"]
-    args = [str(a) for a in bench_args(dataset, tiny_model_dir, encoders, out)[1:]]
+    args = [str(a) for a in bench_args(dataset, tiny_model_dir, dino_and_clip, out)[1:]]
     result = subprocess.run(launch + args, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     done_by = {name: json.loads((out / "subjects" / name / "scores.json").read_text())["process_index"]
@@ -568,12 +528,12 @@ def by_hand_pixels(image: Image.Image, resize: int, crop: int, mean, std) -> tor
 class ByHand:
     """DINO's CLS feature and CLIP's projected features from the transformers models themselves."""
 
-    def __init__(self, encoders):
+    def __init__(self, dino_and_clip):
         from transformers import CLIPModel, CLIPTokenizer, ViTModel
 
-        self.dino = ViTModel.from_pretrained(encoders["dino-hf"], add_pooling_layer=False).eval()
-        self.clip = CLIPModel.from_pretrained(encoders["clip-hf"]).eval()
-        self.tokenizer = CLIPTokenizer.from_pretrained(encoders["clip-hf"])
+        self.dino = ViTModel.from_pretrained(dino_and_clip["dino-hf"], add_pooling_layer=False).eval()
+        self.clip = CLIPModel.from_pretrained(dino_and_clip["clip-hf"]).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(dino_and_clip["clip-hf"])
 
     @torch.no_grad()
     def features(self, paths) -> dict[str, torch.Tensor]:
@@ -622,16 +582,16 @@ def by_hand_overall(subjects: list[dict], protocol: str) -> dict:
     return out
 
 
-def test_dreambench_numbers_match_a_computation_by_hand_under_both_protocols(tiny_model_dir, encoders, tmp_path,
+def test_dreambench_numbers_match_a_computation_by_hand_under_both_protocols(tiny_model_dir, dino_and_clip, tmp_path,
                                                                             capsys):
     dataset, out = make_dreambench(tmp_path / "dataset"), tmp_path / "run"
     (dataset / "cat2" / "02.jpg").unlink()  # 2 references against 3: the protocols weigh subjects differently
-    args = ["eval", "dreambench", "--data", dataset, "--model", tiny_model_dir, "--dino", encoders["dino-hf"],
-            "--clip", encoders["clip-hf"], "--output", out, "--stage1-steps", "1", "--stage2-steps", "1",
+    args = ["eval", "dreambench", "--data", dataset, "--model", tiny_model_dir, "--dino", dino_and_clip["dino-hf"],
+            "--clip", dino_and_clip["clip-hf"], "--output", out, "--stage1-steps", "1", "--stage2-steps", "1",
             "--batch-size", "1", "--subjects", "red_robot,cat2"]
     code, _, err = run_cli(capsys, *args, "--protocol", "all-pairs", "--images-per-prompt", "2")
     assert code == 0, err
-    by_hand = ByHand(encoders)
+    by_hand = ByHand(dino_and_clip)
     subjects = [by_hand_scores(by_hand, out, dataset, name) for name in ("red_robot", "cat2")]
     assert [s["pairs"]["dino"].shape for s in subjects] == [(4, 3), (4, 2)]
 

@@ -158,10 +158,19 @@ def test_mini_transformer_schedule_warms_up_decays_and_restarts_at_each_cycle():
     (["--sjd-window", "4"], "--sjd-window"),
 ])
 def test_mini_quality_refuses_a_bad_sampling_flag_in_one_line_before_loading_a_model(argv, names, tmp_path, capsys):
-    from tokenbooth.eval import mini_quality
+    from tokenbooth.cli import main
 
-    with pytest.raises(SystemExit) as stop:  # a model that does not exist: the flag is refused first
-        mini_quality.main(["--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), *argv])
-    message = str(stop.value.code)
-    assert message.startswith("tokenbooth: error:") and names in message and "\n" not in message
+    # a model that does not exist: the flag is refused first
+    code = main(["eval", "mini-quality", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), *argv])
+    message = capsys.readouterr().err.rstrip("\n")
+    assert code != 0 and message.startswith("tokenbooth: error:") and names in message and "\n" not in message
     assert not (tmp_path / "out").exists()
+
+
+def test_mini_quality_as_a_module_forwards_to_the_command(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "tokenbooth.eval.mini_quality", "--model", str(tmp_path / "x"),
+                             "--temperature", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and result.stderr.startswith("tokenbooth: error:") and "--temperature" in result.stderr

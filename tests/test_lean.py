@@ -8,32 +8,19 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli
+from helpers import quick, run_cli, subject_images
 
 from tokenbooth.backbones import load_backbone
 from tokenbooth.errors import UserError
 from tokenbooth.personalize import TrainConfig, load_reference_images, train
-from tokenbooth.personalize.lean import QuantizedLinear, decoder_layers, quantize_layers
+from tokenbooth.backbones.quantize import QuantizedLinear, quantize_layers
 from tokenbooth.personalize.recipe import (Placeholder, _autocast_for, batch_loss, make_batch, prepare_layers,
-                                           reference_tokens, train_layers, train_step)
-
-
-def quick(**kw) -> TrainConfig:
-    base = dict(class_name="robot", stage1_steps=3, stage2_steps=2, stage1_lr=1e-2, stage2_lr=1e-3, batch_size=4,
-                checkpointing_steps=100)
-    return TrainConfig(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def janus_dir(tmp_path_factory):
-    from test_backbones_real import write_janus_folder
-
-    return write_janus_folder(tmp_path_factory.mktemp("janus-tiny"), dtype=torch.float32)  # fp32: exact comparisons
+                                           train_layers, train_step)
 
 
 @pytest.fixture(params=["tiny", "mini", "janus"])
-def backbone(request, tiny_model_dir, janus_dir):
-    return load_backbone({"tiny": str(tiny_model_dir), "mini": "mini", "janus": str(janus_dir)}[request.param])
+def backbone(request, tiny_model_dir, janus_fp32_dir):  # fp32 Janus: exact comparisons
+    return load_backbone({"tiny": str(tiny_model_dir), "mini": "mini", "janus": str(janus_fp32_dir)}[request.param])
 
 
 def a_batch(backbone, cfg, seed=0):
@@ -54,7 +41,7 @@ def plain_loss(backbone, placeholder, ids, labels, autocast):
 
 
 def test_chunked_loss_equals_the_plain_loss_and_its_gradient(backbone):
-    cfg = quick()
+    cfg = quick("model", batch_size=4)
     placeholder, ids, labels = a_batch(backbone, cfg)
     autocast = _autocast_for(backbone)
     plain = plain_loss(backbone, placeholder, ids, labels, autocast)
@@ -80,7 +67,7 @@ class Recorder:
 
 
 def test_accumulated_gradient_equals_the_big_batch_gradient(backbone):
-    cfg = quick(batch_size=4)
+    cfg = quick("model", batch_size=4)
     _, layers = prepare_layers(backbone, cfg)
     train_layers(layers, True)
     placeholder, ids, labels = a_batch(backbone, cfg)
@@ -88,8 +75,9 @@ def test_accumulated_gradient_equals_the_big_batch_gradient(backbone):
     grads = {}
     for steps in (1, 2, 4):
         recorder = Recorder(params)
-        loss = train_step(backbone, placeholder, [(ids, labels, 1.0)], quick(batch_size=4, gradient_accumulation_steps=steps),
-                          recorder, params, _autocast_for(backbone))
+        loss = train_step(backbone, placeholder, [(ids, labels, 1.0)],
+                          quick("model", batch_size=4, gradient_accumulation_steps=steps), recorder, params,
+                          _autocast_for(backbone))
         grads[steps] = (loss, recorder.grads)
     for steps in (2, 4):
         assert torch.allclose(grads[steps][0], grads[1][0], rtol=1e-5)
@@ -100,9 +88,9 @@ def test_accumulated_gradient_equals_the_big_batch_gradient(backbone):
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_stage1_gradient_reaches_the_placeholder_through_quantized_layers(tiny_model_dir, kind):
     full, quantized = load_backbone(str(tiny_model_dir)), load_backbone(str(tiny_model_dir))
-    assert quantize_layers(decoder_layers(quantized), kind) == 2 * 7  # q, k, v, o, gate, up, down per layer
-    assert not any(type(m) is torch.nn.Linear for layer in decoder_layers(quantized) for m in layer.modules())
-    cfg = quick()
+    assert quantize_layers(quantized.decoder_layers(), kind) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert not any(type(m) is torch.nn.Linear for layer in quantized.decoder_layers() for m in layer.modules())
+    cfg = quick("model", batch_size=4)
     grads = []
     for backbone in (full, quantized):
         placeholder, ids, labels = a_batch(backbone, cfg)
@@ -116,13 +104,12 @@ def test_qlora_trains_lora_on_a_4bit_base_and_the_adapter_loads_on_the_full_base
     from safetensors.torch import load_file
 
     from tokenbooth.personalize import load_adapter
-    from test_personalize import subject_images
 
     backbone = load_backbone(str(tiny_model_dir), quantize="nf4")  # quantized on the way in, as the CLI loads it
     assert isinstance(backbone.model.model.layers[0].self_attn.q_proj, QuantizedLinear)
     refs = load_reference_images(subject_images(tmp_path / "refs"), 16)
-    out = train(backbone, refs, quick(layers="lora", quantize="nf4", optimizer="adamw8bit"), tmp_path / "qlora",
-                progress=False)
+    cfg = quick("model", batch_size=4, layers="lora", quantize="nf4", optimizer="adamw8bit")
+    out = train(backbone, refs, cfg, tmp_path / "qlora", progress=False)
     lora = load_file(str(next(out.rglob("adapter_model.safetensors"))))
     assert lora and all("lora_" in k for k in lora) and any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
     personalized = load_adapter(load_backbone(str(tiny_model_dir)), out)
@@ -136,7 +123,7 @@ def test_full_qkv_on_a_quantized_base_is_refused_in_one_line(capsys, tiny_model_
     assert code == 1 and len(lines) == 1 and "--layers qkv trains the Q/K/V weights themselves" in lines[0]
     backbone = load_backbone(str(tiny_model_dir))
     with pytest.raises(UserError, match="quantized base stores in 4 or 8 bits"):
-        prepare_layers(backbone, quick(layers=r"q_proj", quantize="int8"))
+        prepare_layers(backbone, quick("model", batch_size=4, layers=r"q_proj", quantize="int8"))
 
 
 # The bound the quantized base is held to: over the first steps of stage 1 on mini (trained weights, so the
@@ -147,8 +134,6 @@ LOSS_CURVE_BOUND = {"int8": 0.01, "nf4": 0.03}
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_quantized_base_tracks_the_full_precision_loss_curve(kind, tmp_path):
-    from test_personalize import subject_images
-
     curves = []
     for quantize in ("none", kind):
         backbone = load_backbone("mini", quantize=quantize)
@@ -164,10 +149,8 @@ def test_quantized_base_tracks_the_full_precision_loss_curve(kind, tmp_path):
 def test_adamw8bit_resume_reaches_the_same_adapter(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from test_personalize import subject_images
-
     refs = load_reference_images(subject_images(tmp_path / "refs"), 16)
-    cfg = quick(optimizer="adamw8bit", gradient_accumulation_steps=2, checkpointing_steps=2)
+    cfg = quick("model", batch_size=4, optimizer="adamw8bit", gradient_accumulation_steps=2, checkpointing_steps=2)
     whole = train(load_backbone(str(tiny_model_dir)), refs, cfg, tmp_path / "whole", progress=False)
     train(load_backbone(str(tiny_model_dir)), refs, cfg, tmp_path / "cut", progress=False, stop_after=4)
     cut = train(load_backbone(str(tiny_model_dir)), refs, cfg, tmp_path / "cut", resume=True, progress=False)

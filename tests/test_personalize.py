@@ -8,7 +8,7 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
-from conftest import run_cli
+from helpers import quick, run_cli, subject_images
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -17,32 +17,12 @@ from tokenbooth.backbones import load_backbone
 from tokenbooth.errors import UserError
 from tokenbooth.personalize import TrainConfig, load_adapter, load_reference_images, train
 from tokenbooth.sampling import SamplingConfig, sample_image_tokens
-from tokenbooth.toyworld import Scene, render, reserved_instances
-
-
-def subject_images(folder, size=16, n=4):
-    folder.mkdir(parents=True, exist_ok=True)
-    inst = reserved_instances()[0]
-    for i, bg in enumerate(["white", "grass", "beach", "wood"][:n]):
-        render(Scene(inst, bg, "center", "large", None, i), size).save(folder / f"ref{i}.png")
-    return folder
-
-
-def quick(**kw) -> TrainConfig:
-    base = dict(class_name="robot", stage1_steps=3, stage2_steps=2, stage1_lr=1e-2, stage2_lr=1e-3, batch_size=2,
-                checkpointing_steps=100)
-    return TrainConfig(**{**base, **kw})
 
 
 @pytest.fixture
 def fresh(tiny_model_dir):
     """A freshly loaded tiny backbone: training changes the model in memory."""
     return load_backbone(str(tiny_model_dir))
-
-
-@pytest.fixture
-def refs(tmp_path):
-    return load_reference_images(subject_images(tmp_path / "refs"), 16)
 
 
 def params_of(backbone):
@@ -59,7 +39,7 @@ def changed(before, backbone):
 
 def test_stage1_changes_only_the_placeholder_row(fresh, refs, tmp_path):
     before = params_of(fresh)
-    out = train(fresh, refs, quick(stages="embedding"), tmp_path / "a", progress=False)
+    out = train(fresh, refs, quick("model", stages="embedding"), tmp_path / "a", progress=False)
     assert changed(before, fresh) == set()  # the embedding table itself is bit-identical
     learned = load_file(str(out / "learned_embeds.safetensors"))["[V]"]
     assert learned.dtype == torch.float32 and learned.shape == (fresh.model.config.hidden_size,)
@@ -68,7 +48,7 @@ def test_stage1_changes_only_the_placeholder_row(fresh, refs, tmp_path):
 
 def test_stage2_changes_only_the_chosen_layers(fresh, refs, tmp_path):
     before = params_of(fresh)
-    out = train(fresh, refs, quick(), tmp_path / "a", progress=False)
+    out = train(fresh, refs, quick("model"), tmp_path / "a", progress=False)
     moved = changed(before, fresh)
     assert moved and all(k.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj") for k in moved)
     saved = load_file(str(out / "layers.safetensors"))
@@ -77,13 +57,14 @@ def test_stage2_changes_only_the_chosen_layers(fresh, refs, tmp_path):
 
 def test_named_targets_and_lora_every_other_layer(fresh, refs, tmp_path):
     before = params_of(fresh)
-    train(fresh, refs, quick(layers=r"layers\.1\.mlp\.down_proj"), tmp_path / "named", progress=False)
+    train(fresh, refs, quick("model", layers=r"layers\.1\.mlp\.down_proj"), tmp_path / "named", progress=False)
     assert changed(before, fresh) == {"model.layers.1.mlp.down_proj.weight"}
 
 
 def test_lora_trains_adapters_and_leaves_base_weights(fresh, refs, tmp_path):
     before = params_of(fresh)
-    out = train(fresh, refs, quick(layers="lora", lora_rank=2, lora_every=2), tmp_path / "lora", progress=False)
+    out = train(fresh, refs, quick("model", layers="lora", lora_rank=2, lora_every=2), tmp_path / "lora",
+                progress=False)
     assert changed(before, fresh) == set()
     lora = load_file(str(out / "lora" / "adapter_model.safetensors"))
     assert lora and all(".layers.0." in k for k in lora)  # every 2nd of 2 layers: layer 0 only
@@ -93,14 +74,14 @@ def test_lora_trains_adapters_and_leaves_base_weights(fresh, refs, tmp_path):
 def test_the_base_model_on_disk_is_untouched(tiny_model_dir, refs, tmp_path):
     digest = lambda: hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731
     before = digest()
-    train(load_backbone(str(tiny_model_dir)), refs, quick(), tmp_path / "a", progress=False)
+    train(load_backbone(str(tiny_model_dir)), refs, quick("model"), tmp_path / "a", progress=False)
     assert digest() == before
 
 
 @pytest.mark.parametrize("layers", ["qkv", "lora"])
 def test_a_saved_adapter_gives_the_same_images_as_the_trained_model(tiny_model_dir, refs, tmp_path, layers):
     trained = load_backbone(str(tiny_model_dir))
-    out = train(trained, refs, quick(layers=layers), tmp_path / "a", progress=False)
+    out = train(trained, refs, quick("model", layers=layers), tmp_path / "a", progress=False)
     reloaded = load_adapter(load_backbone(str(tiny_model_dir)), out)
     # the trained backbone in memory, with [V] written in, against base + adapter from disk
     from tokenbooth.personalize.adapter import PersonalizedBackbone
@@ -116,7 +97,7 @@ def test_a_saved_adapter_gives_the_same_images_as_the_trained_model(tiny_model_d
 
 
 def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_model_dir, refs, tmp_path):
-    cfg = quick(checkpointing_steps=2)
+    cfg = quick("model", checkpointing_steps=2)
     whole = train(load_backbone(str(tiny_model_dir)), refs, cfg, tmp_path / "whole", progress=False)
     part = train(load_backbone(str(tiny_model_dir)), refs, cfg, tmp_path / "part", progress=False, stop_after=4)
     assert not (part / "adapter_config.json").exists()
@@ -128,14 +109,16 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_model_dir,
 
 def test_joint_trains_both_from_the_first_step(fresh, refs, tmp_path):
     before = params_of(fresh)
-    out = train(fresh, refs, quick(stages="joint", stage1_steps=1, stage2_steps=1), tmp_path / "j", progress=False)
+    out = train(fresh, refs, quick("model", stages="joint", stage1_steps=1, stage2_steps=1), tmp_path / "j",
+                progress=False)
     assert changed(before, fresh) and (out / "layers.safetensors").exists()
 
 
 def test_an_adapter_for_another_base_is_refused(tiny_model_dir, refs, tmp_path):
-    out = train(load_backbone(str(tiny_model_dir)), refs, quick(stages="embedding"), tmp_path / "a", progress=False)
+    out = train(load_backbone(str(tiny_model_dir)), refs, quick("model", stages="embedding"), tmp_path / "a",
+                progress=False)
     other = tmp_path / "other-model"
-    from conftest import build_tiny_model_folder
+    from helpers import build_tiny_model_folder
 
     build_tiny_model_folder(other, seed=1)
     with pytest.raises(UserError, match="another base model"):
@@ -153,7 +136,7 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(fre
 
     monkeypatch.setattr(recipe, "batch_loss", nan_from_step_2)
     with pytest.raises(UserError, match=r"loss became nan at step 2.*last good checkpoint: .*step-1"):
-        train(fresh, refs, quick(checkpointing_steps=1), tmp_path / "nan", progress=False)
+        train(fresh, refs, quick("model", checkpointing_steps=1), tmp_path / "nan", progress=False)
     assert not (tmp_path / "nan" / "adapter_config.json").exists()
 
 
@@ -165,7 +148,7 @@ def test_a_full_disk_during_save_leaves_no_adapter_behind(fresh, refs, tmp_path,
 
     monkeypatch.setattr(adapter, "_jsonable", full_disk)  # fails in the middle of writing the adapter
     with pytest.raises(OSError):
-        train(fresh, refs, quick(layers="lora"), tmp_path / "full", progress=False)
+        train(fresh, refs, quick("model", layers="lora"), tmp_path / "full", progress=False)
     assert not (tmp_path / "full" / "adapter_config.json").exists()
     assert not list((tmp_path / "full").rglob("*.tmp"))
 
@@ -278,7 +261,7 @@ def test_prior_preservation_draws_class_images_once_and_trains_on_them(tiny_mode
 
     from safetensors.torch import save_file
 
-    cfg = quick(prior_preservation=True, num_class_images=2, stages="embedding")
+    cfg = quick("model", prior_preservation=True, num_class_images=2, stages="embedding")
     out = train(load_backbone(str(tiny_model_dir)), refs, cfg, tmp_path / "prior", progress=False)
     assert load_file(str(out / "class_tokens.safetensors"))["codes"].shape == (2, 8, 8)
     # a cached set is used as it is, not drawn again
@@ -289,7 +272,8 @@ def test_prior_preservation_draws_class_images_once_and_trains_on_them(tiny_mode
     train(load_backbone(str(tiny_model_dir)), refs, cfg, seeded, progress=False)
     assert (seeded / "class_tokens.safetensors").read_bytes() == before
     # the class term is in the loss: same subject batch, plus a positive prior term
-    plain = train(load_backbone(str(tiny_model_dir)), refs, quick(stages="embedding"), tmp_path / "plain", progress=False)
+    plain = train(load_backbone(str(tiny_model_dir)), refs, quick("model", stages="embedding"), tmp_path / "plain",
+                  progress=False)
     first = lambda folder: json.loads((folder / "log.jsonl").read_text().splitlines()[0])["loss"]  # noqa: E731
     assert first(out) > first(plain)
 
@@ -364,7 +348,7 @@ def test_class_and_validation_images_are_drawn_with_the_familys_sampling_setting
 
     monkeypatch.setattr(sampling, "draw_codes", spy)  # class images
     monkeypatch.setattr(sys.modules["tokenbooth.sampling.draw"], "draw_codes", spy)  # validation grids, via draw()
-    cfg = quick(stages="embedding", prior_preservation=True, num_class_images=2,
+    cfg = quick("model", stages="embedding", prior_preservation=True, num_class_images=2,
                 validation_prompts=["a [V] robot"], validation_steps=2, seed=3)
     train(fresh, refs, cfg, tmp_path / "a", progress=False)
     mini = SamplingConfig.for_family("mini", seed=3)
@@ -458,7 +442,7 @@ def test_several_vectors_learn_one_row_each_and_reload_into_the_same_images(tiny
     """--num-vectors 3: [V] becomes three reserved tokens; each learns its own row, the adapter holds a (3, width)
     matrix, and base + adapter draws what the trained model draws."""
     trained = load_backbone(str(tiny_model_dir))
-    out = train(trained, refs, quick(num_vectors=3, checkpointing_steps=2), tmp_path / "a", progress=False)
+    out = train(trained, refs, quick("model", num_vectors=3, checkpointing_steps=2), tmp_path / "a", progress=False)
     learned = load_file(str(out / "learned_embeds.safetensors"))["[V]"]
     width = trained.model.config.hidden_size
     assert learned.shape == (3, width)
@@ -484,21 +468,21 @@ def test_several_vectors_learn_one_row_each_and_reload_into_the_same_images(tiny
 def test_one_vector_keeps_the_single_token_format_and_more_than_the_free_rows_are_refused(fresh, refs, tmp_path):
     from tokenbooth.personalize.adapter import read_adapter_config
 
-    out = train(fresh, refs, quick(stages="embedding"), tmp_path / "one", progress=False)
+    out = train(fresh, refs, quick("model", stages="embedding"), tmp_path / "one", progress=False)
     cfg = read_adapter_config(out)
     assert cfg["placeholder_tokens"] == [cfg["placeholder_token"]]
     assert cfg["placeholder_token_ids"] == [cfg["placeholder_token_id"]]
     free = len(fresh.placeholder_candidates())
     with pytest.raises(UserError, match=f"has {free} free vocabulary row"):
-        train(fresh, refs, quick(num_vectors=free + 1), tmp_path / "many", progress=False)
+        train(fresh, refs, quick("model", num_vectors=free + 1), tmp_path / "many", progress=False)
     assert not (tmp_path / "many").exists()
 
 
 def test_an_adapter_whose_embedding_rows_do_not_match_its_tokens_is_refused(tiny_model_dir, refs, tmp_path):
     import json
 
-    out = train(load_backbone(str(tiny_model_dir)), refs, quick(stages="embedding", num_vectors=2), tmp_path / "a",
-                progress=False)
+    out = train(load_backbone(str(tiny_model_dir)), refs, quick("model", stages="embedding", num_vectors=2),
+                tmp_path / "a", progress=False)
     config = json.loads((out / "adapter_config.json").read_text())
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
@@ -513,8 +497,10 @@ def test_an_adapter_whose_embedding_rows_do_not_match_its_tokens_is_refused(tiny
 def test_validation_pictures_are_scored_for_fidelity_along_the_run_and_plotted_under_the_loss(fresh, refs, tmp_path):
     import json
 
-    cfg = quick(validation_prompts=["a [V] robot", "a [V] robot on the beach"], validation_steps=2)
-    out = train(fresh, refs, cfg, tmp_path / "a", progress=False)
+    from tokenbooth.eval.fidelity import fidelity_scorer
+
+    cfg = quick("model", validation_prompts=["a [V] robot", "a [V] robot on the beach"], validation_steps=2)
+    out = train(fresh, refs, cfg, tmp_path / "a", progress=False, fidelity_scorer=fidelity_scorer)
     records = [json.loads(line) for line in (out / "fidelity.jsonl").read_text().splitlines()]
     # 3 + 2 steps: grids at steps 2 and 4 and the final one; the family's encoder is mini's toyDINO
     assert [(r["step"], r["stage"]) for r in records] == [(2, "embedding"), (4, "layers"), (5, "final")]
@@ -526,7 +512,7 @@ def test_validation_pictures_are_scored_for_fidelity_along_the_run_and_plotted_u
 def test_the_fidelity_score_is_dreambenchs_dino_score_against_the_references(fresh, refs):
     from tokenbooth.assets import TOYDINO_DIR
     from tokenbooth.eval.metrics import load_dino
-    from tokenbooth.personalize.recipe import fidelity_scorer
+    from tokenbooth.eval.fidelity import fidelity_scorer
 
     score = fidelity_scorer(fresh, refs)
     same, _ = score(refs)
@@ -540,10 +526,32 @@ def test_without_the_familys_encoder_the_run_goes_on_with_its_loss_alone(fresh, 
     import dataclasses
 
     from tokenbooth.backbones import families
+    from tokenbooth.eval.fidelity import fidelity_scorer
 
     missing = dataclasses.replace(families.FAMILIES["mini"], fidelity=str(tmp_path / "no-encoder-here"))
     monkeypatch.setitem(families.FAMILIES, "mini", missing)
-    out = train(fresh, refs, quick(validation_prompts=["a [V] robot"], validation_steps=2), tmp_path / "a",
-                progress=False)
+    out = train(fresh, refs, quick("model", validation_prompts=["a [V] robot"], validation_steps=2), tmp_path / "a",
+                progress=False, fidelity_scorer=fidelity_scorer)
     assert (out / "validation" / "final.png").exists() and not (out / "fidelity.jsonl").exists()
     assert "not scored for fidelity" in capsys.readouterr().err
+
+
+def test_a_run_given_no_fidelity_scorer_draws_its_validation_pictures_and_scores_none(fresh, refs, tmp_path):
+    """Training does not load evaluation's encoders itself: the caller passes the scorer in."""
+    out = train(fresh, refs, quick("model", validation_prompts=["a [V] robot"], validation_steps=2), tmp_path / "a",
+                progress=False)
+    assert (out / "validation" / "step-2.png").exists() and (out / "validation" / "final.png").exists()
+    assert not (out / "fidelity.jsonl").exists()
+
+
+def test_bfloat16_compute_falls_back_to_float32_only_on_a_cpu_without_native_bfloat16(monkeypatch, capsys):
+    from tokenbooth.personalize import loss
+
+    monkeypatch.setattr(loss, "cpu_has_native_bfloat16", lambda: False)
+    assert loss.runnable_compute_dtype("bfloat16", "cpu") == "float32"
+    assert "no native bfloat16" in capsys.readouterr().err
+    assert loss.runnable_compute_dtype("bfloat16", "cuda") == "bfloat16"
+    assert loss.runnable_compute_dtype("model", "cpu") == "model"
+    monkeypatch.setattr(loss, "cpu_has_native_bfloat16", lambda: True)
+    assert loss.runnable_compute_dtype("bfloat16", "cpu") == "bfloat16"
+    assert capsys.readouterr().err == ""

@@ -6,25 +6,13 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
+from helpers import quick
 from safetensors.torch import load_file
-from test_personalize import subject_images
 
 from tokenbooth.backbones import load_backbone
-from tokenbooth.personalize import TrainConfig, load_adapter, load_reference_images, train
+from tokenbooth.personalize import load_adapter, train
 from tokenbooth.sampling import SamplingConfig, draw_codes
-
-
-def quick(**overrides) -> TrainConfig:
-    settings = dict(stage1_steps=3, stage2_steps=2, stage1_lr=1e-2, stage2_lr=1e-3, batch_size=2,
-                    checkpointing_steps=100)
-    return TrainConfig.for_family("mini", class_name="robot", **{**settings, **overrides})
-
-
-@pytest.fixture
-def refs(tmp_path):
-    return load_reference_images(subject_images(tmp_path / "refs"), 16)
 
 
 def checkpointed_placeholder(out, step: int) -> torch.Tensor:
@@ -33,7 +21,7 @@ def checkpointed_placeholder(out, step: int) -> torch.Tensor:
 
 def test_the_placeholder_row_learns_in_stage_1_and_keeps_learning_in_stage_2(tiny_model_dir, refs, tmp_path):
     """Caught mutation: [V] left as literal text in the training prompts (its row never used)."""
-    out = train(load_backbone(str(tiny_model_dir)), refs, quick(checkpointing_steps=1), tmp_path / "a",
+    out = train(load_backbone(str(tiny_model_dir)), refs, quick("bfloat16", checkpointing_steps=1), tmp_path / "a",
                 progress=False)
     after = {step: checkpointed_placeholder(out, step) for step in range(1, 6)}  # 3 steps of stage 1, 2 of stage 2
     for step in (2, 3):
@@ -59,7 +47,7 @@ def test_training_batches_hold_the_placeholder_token_not_its_text(tiny_model_dir
         return batch
 
     monkeypatch.setattr(recipe, "make_batch", spy)
-    train(backbone, refs, quick(), tmp_path / "a", progress=False)
+    train(backbone, refs, quick("bfloat16"), tmp_path / "a", progress=False)
     assert len(batches) == 5
     for ids in batches:  # every subject prompt names [V] once, as its reserved token
         assert ((ids == token_id).sum(dim=1) == 1).all()
@@ -72,7 +60,7 @@ def _contains(seq: list[int], sub: list[int]) -> bool:
 
 def lora_run(tiny_model_dir, refs, out):
     # a strong stage-2 step, so the learned B A is large enough to change what the model draws
-    cfg = quick(layers="lora", lora_rank=2, stage2_lr=5e-2, stage2_steps=3)
+    cfg = quick("bfloat16", layers="lora", lora_rank=2, stage2_lr=5e-2, stage2_steps=3)
     return train(load_backbone(str(tiny_model_dir)), refs, cfg, out, progress=False)
 
 

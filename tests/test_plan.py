@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 from tokenbooth.personalize.recipe import TrainConfig
 from tokenbooth.plan import (RunSettings, candidates, describe, estimate, fitting_settings, measure, parse_size,
@@ -179,11 +179,40 @@ def test_plan_prints_nothing_but_the_plan():
     assert done.stderr == "" and "stage2" in done.stdout
 
 
+PRETEND_AVX512_BF16 = """
+import importlib, sys
+
+class PretendAVX512BF16:  # bitsandbytes then fetches its CPU kernel through `kernels`, as on such a CPU
+    def find_spec(self, name, path=None, target=None):
+        if name == "bitsandbytes.backends.cpu.ops":
+            importlib.import_module("bitsandbytes.functional").has_avx512bf16 = lambda: True
+        return None
+
+sys.meta_path.insert(0, PretendAVX512BF16())
+from tokenbooth.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--model", "lumina-mgpt-7b-768", "--json"],
+                                  ["--model", "mini", "--layers", "lora", "-n", "1", "--json"]])
+def test_plan_is_silent_offline_on_a_cpu_whose_bitsandbytes_fetches_kernels(tmp_path, argv):
+    """With HF_HUB_OFFLINE=1, peft's import of bitsandbytes made `kernels` log "Skipping publisher trust check
+    for 'kernels-community/quantization-bitsandbytes'" on CPUs with AVX512-BF16; pretended here, so the test
+    means the same on any CPU."""
+    script = tmp_path / "plan_on_avx512_bf16.py"
+    script.write_text(PRETEND_AVX512_BF16)
+    done = subprocess.run([sys.executable, str(script), "plan", *argv], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and "peak_bytes" in done.stdout
+
+
 def test_a_lean_choice_whose_library_is_missing_is_not_offered(monkeypatch, tiny_model_dir, capsys):
     """A base install (no torchao, no bitsandbytes) still plans: the search leaves those choices out and says
     so, instead of refusing the whole plan because one candidate could not run."""
     import tokenbooth.personalize.lean as lean
-    from conftest import run_cli
+    from helpers import run_cli
 
     monkeypatch.setattr(lean, "can_import", lambda module: module != "bitsandbytes")
     s = settings(batch_size=2, layers="qkv")

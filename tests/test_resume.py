@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import quick, run_cli, subject_images
 from safetensors.torch import load_file
-from test_personalize import subject_images
-from test_personalize_effects import quick
 
 from tokenbooth.backbones import load_backbone
 from tokenbooth.personalize import load_reference_images, train
@@ -37,7 +35,7 @@ def assert_same_adapter(a, b) -> None:
 def test_a_run_resumed_where_it_stopped_ends_with_the_uninterrupted_adapter(tiny_model_dir, tmp_path, stop_after,
                                                                            overrides):
     refs = load_reference_images(subject_images(tmp_path / "refs"), 16)
-    cfg = quick(**overrides)
+    cfg = quick("bfloat16", **overrides)
     whole = train(load_backbone(str(tiny_model_dir)), refs, cfg, tmp_path / "whole", progress=False)
     part = train(load_backbone(str(tiny_model_dir)), refs, cfg, tmp_path / "part", progress=False,
                  stop_after=stop_after)
@@ -89,9 +87,9 @@ def test_train_resume_on_the_command_line_continues_to_the_uninterrupted_adapter
 def test_a_two_stage_run_started_from_a_saved_stage_1_ends_with_the_uninterrupted_adapter(tiny_model_dir, tmp_path,
                                                                                         layers):
     refs = load_reference_images(subject_images(tmp_path / "refs"), 16)
-    cfg = quick(layers=layers, lora_rank=2)
+    cfg = quick("bfloat16", layers=layers, lora_rank=2)
     whole = train(load_backbone(str(tiny_model_dir)), refs, cfg, tmp_path / "whole", progress=False)
-    stage1 = train(load_backbone(str(tiny_model_dir)), refs, quick(stages="embedding"), tmp_path / "stage1",
+    stage1 = train(load_backbone(str(tiny_model_dir)), refs, quick("bfloat16", stages="embedding"), tmp_path / "stage1",
                    progress=False)
     branched = train(load_backbone(str(tiny_model_dir)), refs, cfg, tmp_path / "branched", progress=False,
                      stage1_from=stage1)
@@ -105,12 +103,12 @@ def test_a_stage_1_trained_with_other_settings_is_refused(tiny_model_dir, tmp_pa
     from tokenbooth.errors import UserError
 
     refs = load_reference_images(subject_images(tmp_path / "refs"), 16)
-    stage1 = train(load_backbone(str(tiny_model_dir)), refs, quick(stages="embedding"), tmp_path / "stage1",
+    stage1 = train(load_backbone(str(tiny_model_dir)), refs, quick("bfloat16", stages="embedding"), tmp_path / "stage1",
                    progress=False)
     with pytest.raises(UserError, match="stage1_lr"):
-        train(load_backbone(str(tiny_model_dir)), refs, quick(stage1_lr=0.5), tmp_path / "b", progress=False,
-              stage1_from=stage1)
+        train(load_backbone(str(tiny_model_dir)), refs, quick("bfloat16", stage1_lr=0.5), tmp_path / "b",
+              progress=False, stage1_from=stage1)
     with pytest.raises(UserError, match="two-stage"):
-        train(load_backbone(str(tiny_model_dir)), refs, quick(stages="joint"), tmp_path / "c", progress=False,
-              stage1_from=stage1)
+        train(load_backbone(str(tiny_model_dir)), refs, quick("bfloat16", stages="joint"), tmp_path / "c",
+              progress=False, stage1_from=stage1)
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

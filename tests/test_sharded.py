@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import subject_images
 from safetensors.torch import load_file
 
 from tokenbooth.assets import ACCELERATE_FSDP
@@ -48,8 +49,6 @@ def adapter(folder):
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
-    from test_personalize import subject_images
-
     tmp = tmp_path_factory.mktemp("sharded")
     refs = subject_images(tmp / "refs")
     single = train(load_backbone(str(tiny_model_dir)), load_reference_images(refs, 16), TrainConfig(**SETTINGS),

@@ -4,7 +4,7 @@ import json
 import random
 
 import pytest
-from conftest import run_cli as run
+from helpers import run_cli as run
 from distributions import chi_square_p_value
 import torch
 
@@ -216,13 +216,11 @@ def test_greedy_sjd_is_greedy_plain_sampling_even_with_padded_rows(tiny_backbone
                        sample_image_body(tiny_backbone, prompts, cfg))
 
 
-def test_greedy_sjd_is_greedy_plain_sampling_on_janus_too(tmp_path):
+def test_greedy_sjd_is_greedy_plain_sampling_on_janus_too(janus_fp32_dir):
     """Janus-Pro is a Llama under the hood, with its own CFG rows: the ragged cache must serve it as well."""
-    from test_backbones_real import write_janus_folder
-
     from tokenbooth.backbones import load_backbone
 
-    janus = load_backbone(str(write_janus_folder(tmp_path / "tiny-janus", dtype=torch.float32)))
+    janus = load_backbone(str(janus_fp32_dir))
     prompts = ["a red robot on the beach, on the left", "a cup"]
     for coupling in COUPLINGS:
         cfg = SamplingConfig.for_family("mini", **sjd(sjd_window=5, sjd_coupling=coupling), seed=0, image_top_k=1)

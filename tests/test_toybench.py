@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 
 from tokenbooth.eval.reader import IDENTITY
 from tokenbooth.eval.toybench import (
@@ -153,6 +153,23 @@ def test_the_bench_mean_is_over_subjects_of_the_mean_over_their_images():
     assert bench_mean([[0.0, 1.0, 1.0, 1.0], [0.0]]) == 0.375  # not 0.6, the mean over all five images
 
 
+def test_dreambench_and_toy_bench_aggregate_the_same_scores_to_the_same_figures():
+    from tokenbooth.eval import metrics
+    from tokenbooth.eval.toybench import subject_means
+
+    rng = np.random.default_rng(2)
+    per_subject = [[{"dino": float(d), "clip_i": float(c), "clip_t": None if i % 3 == 0 else float(t)}
+                    for i, (d, c, t) in enumerate(rng.random((n, 3)))] for n in (12, 3, 7)]
+    dreambench = metrics.aggregate([{"references": 4, "images": images} for images in per_subject], "paper")
+    toy = summarize({"row": per_subject})["row"]
+    keys = ["a", "b", "c"]
+    for metric in ("dino", "clip_i", "clip_t"):
+        assert toy[metric]["mean"] == dreambench[metric]  # one implementation: equal, not merely close
+        for key, images in zip(keys, per_subject):
+            assert subject_means({"row": per_subject}, keys)["row"][key][metric] == \
+                metrics.aggregate([{"references": 4, "images": images}], "paper")[metric]
+
+
 def test_the_bootstrap_interval_contains_the_mean_and_narrows_with_more_data():
     rng = np.random.default_rng(1)
 
@@ -212,8 +229,8 @@ def test_the_goals_say_met_only_where_the_figures_reach_them():
 
 
 @pytest.fixture(scope="module")
-def encoders(tmp_path_factory):
-    """A tiny random ViT (for --dino) and a tiny random attribute reader (for --reader)."""
+def dino_and_reader(tmp_path_factory):
+    """A tiny random ViT (for --dino) and a tiny random attribute reader (for --reader): paths."""
     from transformers import ViTConfig, ViTModel
 
     from tokenbooth.eval.reader import AttributeReader, ReaderConfig, save_reader
@@ -229,9 +246,9 @@ def encoders(tmp_path_factory):
 STEPS = {"stage1": 2, "stage2": 1}
 
 
-def bench_args(model, encoders, out, *extra):
+def bench_args(model, dino_and_reader, out, *extra):
     return ["eval", "toybench", "--model", model, "--subjects", "1", "--stage1-steps", STEPS["stage1"],
-            "--stage2-steps", STEPS["stage2"], "--dino", encoders["dino"], "--reader", encoders["reader"],
+            "--stage2-steps", STEPS["stage2"], "--dino", dino_and_reader["dino"], "--reader", dino_and_reader["reader"],
             "--output", out, *extra]
 
 
@@ -262,10 +279,10 @@ def subject_batches(monkeypatch, interrupt_at: int | None = None) -> list:
 def short_words(monkeypatch):
     """The words line's prompts with the accent phrase left out: the full ones overflow the tiny model's
     160-token context (its tokenizer has 40 merges), and the line's plumbing is what is tested here."""
-    import tokenbooth.eval.toybench as toybench
+    import tokenbooth.eval.toybench.tasks as tasks
 
-    real = toybench.worded_prompt
-    monkeypatch.setattr(toybench, "worded_prompt",
+    real = tasks.worded_prompt
+    monkeypatch.setattr(tasks, "worded_prompt",
                         lambda asked, inst: real(asked, inst).replace(f" with {inst.accent} accents", ""))
 
 
@@ -278,7 +295,7 @@ def test_the_words_line_is_left_out_where_its_prompts_do_not_fit_the_context(tin
 
 
 @pytest.fixture(scope="module")
-def bench(tiny_model_dir, encoders, tmp_path_factory):
+def bench(tiny_model_dir, dino_and_reader, tmp_path_factory):
     """One uninterrupted run, with the training runs it started and the subject batches they drew."""
     import tokenbooth.personalize as personalize
 
@@ -293,7 +310,7 @@ def bench(tiny_model_dir, encoders, tmp_path_factory):
         mp.setattr(personalize, "train", spy)
         short_words(mp)
         batches = subject_batches(mp)
-        assert cli(*bench_args(tiny_model_dir, encoders, out)) == 0
+        assert cli(*bench_args(tiny_model_dir, dino_and_reader, out)) == 0
     return {"out": out, "results": json.loads((out / "results.json").read_text()), "trainings": trainings,
             "batches": len(batches)}
 
@@ -345,8 +362,8 @@ def test_stage_1_is_trained_once_per_subject_and_every_two_stage_row_continues_f
     assert bench["batches"] == s1 + (s1 + s2) + 3 * s2  # stage 1 once, joint, then three stage 2s alone
 
 
-def test_a_restart_reuses_every_finished_adapter_image_and_score(bench, tiny_model_dir, encoders, monkeypatch):
-    import tokenbooth.eval.toybench as toybench
+def test_a_restart_reuses_every_finished_adapter_image_and_score(bench, tiny_model_dir, dino_and_reader, monkeypatch):
+    import tokenbooth.eval.toybench.run as toybench_run
     import tokenbooth.personalize as personalize
     import tokenbooth.sampling as sampling
 
@@ -355,47 +372,47 @@ def test_a_restart_reuses_every_finished_adapter_image_and_score(bench, tiny_mod
 
     monkeypatch.setattr(personalize, "train", refuse)
     monkeypatch.setattr(sampling, "draw", refuse)
-    monkeypatch.setattr(toybench, "reader_scores", refuse)
+    monkeypatch.setattr(toybench_run, "reader_scores", refuse)
     short_words(monkeypatch)
-    assert cli(*bench_args(tiny_model_dir, encoders, bench["out"])) == 0
+    assert cli(*bench_args(tiny_model_dir, dino_and_reader, bench["out"])) == 0
     again = json.loads((bench["out"] / "results.json").read_text())
     assert again["rows"] == bench["results"]["rows"] and again["per_subject"] == bench["results"]["per_subject"]
     assert again["words"] == bench["results"]["words"] and again["oracle"] == bench["results"]["oracle"]
 
 
-def test_a_run_killed_halfway_and_restarted_gives_the_uninterrupted_results(bench, tiny_model_dir, encoders,
+def test_a_run_killed_halfway_and_restarted_gives_the_uninterrupted_results(bench, tiny_model_dir, dino_and_reader,
                                                                            tmp_path, monkeypatch):
     out = tmp_path / "run"
     s1, s2 = STEPS["stage1"], STEPS["stage2"]
     subject_batches(monkeypatch, interrupt_at=s1 + (s1 + s2) + s2 + 1)  # inside two-stage-lora's stage 2
-    assert cli(*bench_args(tiny_model_dir, encoders, out)) == 130
+    assert cli(*bench_args(tiny_model_dir, dino_and_reader, out)) == 130
     lora = out / "subjects" / subjects()[0].key / "adapters" / "two-stage-lora"
     assert not (lora / "adapter_config.json").exists() and (lora / "checkpoints" / f"step-{s1}").is_dir()
     assert not (out / "results.json").exists()
     batches = subject_batches(monkeypatch)
-    assert cli(*bench_args(tiny_model_dir, encoders, out)) == 0
+    assert cli(*bench_args(tiny_model_dir, dino_and_reader, out)) == 0
     assert len(batches) == 2 * s2  # the LoRA row's stage 2 and the prior row's: nothing finished is redone
     results = json.loads((out / "results.json").read_text())
     assert results["rows"] == bench["results"]["rows"] and results["per_subject"] == bench["results"]["per_subject"]
 
 
-def test_a_restart_with_other_settings_is_refused(bench, tiny_model_dir, encoders, capsys):
+def test_a_restart_with_other_settings_is_refused(bench, tiny_model_dir, dino_and_reader, capsys):
     before = sorted(p for p in bench["out"].rglob("*"))
-    code, _, err = run_cli(capsys, *bench_args(tiny_model_dir, encoders, bench["out"], "--seed", "1"))
+    code, _, err = run_cli(capsys, *bench_args(tiny_model_dir, dino_and_reader, bench["out"], "--seed", "1"))
     assert code != 0 and "other settings" in err and err.count("tokenbooth: error:") == 1
     assert sorted(p for p in bench["out"].rglob("*")) == before
 
 
 @pytest.mark.parametrize("asset,script,flag", [("TOYDINO_DIR", "toydino", "--dino"),
                                                ("READER_DIR", "reader", "--reader")])
-def test_a_missing_bundled_encoder_is_named_with_the_command_that_makes_it(tiny_model_dir, encoders, tmp_path,
+def test_a_missing_bundled_encoder_is_named_with_the_command_that_makes_it(tiny_model_dir, dino_and_reader, tmp_path,
                                                                            capsys, monkeypatch, asset, script, flag):
     import tokenbooth.assets as assets
 
     monkeypatch.setattr(assets, asset, tmp_path / "not-made-yet")
     given = [a for a in ("--dino", "--reader") if a != flag]
     args = ["eval", "toybench", "--model", tiny_model_dir, "--output", tmp_path / "out",
-            *[x for a in given for x in (a, encoders[a[2:]])]]
+            *[x for a in given for x in (a, dino_and_reader[a[2:]])]]
     code, _, err = run_cli(capsys, *args)
     assert code != 0 and f"python -m tokenbooth.pretrain.{script}" in err and err.count("tokenbooth: error:") == 1
     assert not (tmp_path / "out").exists()
@@ -406,10 +423,11 @@ def test_bad_subject_count(capsys, tmp_path):
     assert code != 0 and "--subjects" in err
 
 
-def test_rows_picks_a_subset_for_tuning_and_keeps_the_references(tiny_model_dir, encoders, tmp_path, monkeypatch):
+def test_rows_picks_a_subset_for_tuning_and_keeps_the_references(tiny_model_dir, dino_and_reader, tmp_path,
+                                                                 monkeypatch):
     batches = subject_batches(monkeypatch)
     out = tmp_path / "run"
-    assert cli(*bench_args(tiny_model_dir, encoders, out, "--rows", "two-stage-qkv,embedding")) == 0
+    assert cli(*bench_args(tiny_model_dir, dino_and_reader, out, "--rows", "two-stage-qkv,embedding")) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["rows"]) == ["references", "embedding", "two-stage-qkv"]
     assert len(batches) == STEPS["stage1"] + STEPS["stage2"]  # no joint, LoRA or prior training
@@ -417,9 +435,10 @@ def test_rows_picks_a_subset_for_tuning_and_keeps_the_references(tiny_model_dir,
         ["embedding", "two-stage-qkv"]
 
 
-def test_validation_steps_log_fidelity_along_each_run_and_the_report_tabulates_it(tiny_model_dir, encoders, tmp_path):
+def test_validation_steps_log_fidelity_along_each_run_and_the_report_tabulates_it(tiny_model_dir, dino_and_reader,
+                                                                                  tmp_path):
     out = tmp_path / "run"
-    assert cli(*bench_args(tiny_model_dir, encoders, out, "--rows", "embedding,two-stage-qkv",
+    assert cli(*bench_args(tiny_model_dir, dino_and_reader, out, "--rows", "embedding,two-stage-qkv",
                            "--validation-steps", "1")) == 0
     along = json.loads((out / "results.json").read_text())["fidelity_along_the_run"]
     # stage 1 takes 2 steps, stage 2 one: the two-stage row carries the stage 1 it continued from

@@ -4,6 +4,8 @@ restart, progress, generated PNGs. The real training child is stood in for by a 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 import zipfile
@@ -12,8 +14,15 @@ import pytest
 from PIL import Image
 
 from tokenbooth.errors import UserError
+from tokenbooth.personalize import run_folder
 from tokenbooth.personalize.recipe import TrainConfig
+from tokenbooth.ui import handlers, panels
+from tokenbooth.ui import lock as lock_module
 from tokenbooth.ui import workspace as wsmod
+from tokenbooth.ui.handlers import (AdvancedSettings, TokenboothApp, cancel_choices, cancel_training, check_pictures,
+                                    delete_subject, restore_form, start_training, training_status)
+from tokenbooth.ui.lock import WorkspaceLock
+from tokenbooth.ui.panels import STAGE_COLORS, loss_svg, time_left_words
 from tokenbooth.ui.jobs import Job, JobQueue, error_from_log, train_command, train_flags
 from tokenbooth.ui.progress import stage_progress
 from tokenbooth.ui.workspace import Workspace, check_uploads, sanitize_name
@@ -38,24 +47,30 @@ def subject_with_job(ws, name, state="queued"):
 # --- names and uploads -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("raw, clean", [("robot", "robot"), ("  my dog!  ", "my-dog"), (".hidden", "hidden"),
-                                        ("../../etc/passwd", "etcpasswd"), ("a/b\\c", "abc"), ("x" * 100, "x" * 64)])
-def test_subject_names_are_sanitised_to_one_safe_folder_name(raw, clean):
-    assert sanitize_name(raw) == clean
+                                        ("x" * 100, "x" * 64), ("ロボット", "ロボット"), ("日本 の 犬", "日本-の-犬"),
+                                        ("cafe\u0301", "caf\u00e9"), ("Zoë_2", "Zoë_2"), ("console", "console"),
+                                        ("com10", "com10"), ("ロ" * 80, "ロ" * 64)])
+def test_subject_names_are_one_safe_folder_name_in_any_script(raw, clean):
+    assert sanitize_name(raw) == clean  # letters of any script, NFC: the same name is the same folder everywhere
+    assert len(sanitize_name(raw).encode()) <= wsmod.MAX_NAME_BYTES
 
 
-@pytest.mark.parametrize("raw", ["", "...", "/", "日本"])
-def test_a_name_with_nothing_usable_is_refused(raw):
+@pytest.mark.parametrize("raw", ["", "...", "/", "../x", "a/b", "a\\b", "../../etc/passwd", "con", "CON", "Nul",
+                                 "con.txt", "aux.tar.gz", "COM1", "lpt9.png", "robot.", "robot. ", "!!!"])
+def test_separators_trailing_dots_and_windows_device_names_are_refused(raw):
     with pytest.raises(UserError):
         sanitize_name(raw)
 
 
 def test_no_subject_name_reaches_outside_the_workspace(ws):
-    for evil in ("../outside", "..", "/etc", "a/../../b"):
+    for evil in ("../outside", "..", "/etc", "a/../../b", "con"):
         with pytest.raises(UserError):
             ws.subject_folder(evil)
     subject_with_job(ws, "robot", state="done")
-    assert ws.rename("robot", "../../escaped") == "escaped"
-    assert (ws.subjects_dir / "escaped").is_dir() and not (ws.root.parent / "escaped").exists()
+    with pytest.raises(UserError, match="path separator"):
+        ws.rename("robot", "../../escaped")
+    assert (ws.subjects_dir / "robot").is_dir() and not (ws.root.parent / "escaped").exists()
+    assert ws.rename("robot", "ロボット") == "ロボット" and ws.subject("ロボット").folder.parent == ws.subjects_dir
 
 
 def test_a_taken_name_gets_a_number(ws):
@@ -180,8 +195,8 @@ def test_cancel_drops_a_waiting_job_and_stops_the_running_one(ws):
         subject_with_job(ws, name)
         queue.submit(Job(name, "mini", []))
     wait_until(lambda: queue.running() is not None and Job.load(ws, "long").state == "running")
-    queue.cancel("next")
-    queue.cancel("long")
+    assert queue.cancel("next") == "waiting"
+    assert queue.cancel("long") == "running"
     wait_until(lambda: queue.running() is None)
     queue.stop()
     assert states(ws, ["long", "next"]) == ["cancelled", "cancelled"]
@@ -226,7 +241,7 @@ def test_the_error_line_is_the_commands_own_message_or_the_traceback_end():
 
 # --- progress and generated images ------------------------------------------------------------------------
 
-def test_progress_reports_each_stage_with_time_left():
+def test_progress_reports_each_stage_withtime_left_words():
     run = {"stage1_steps": 4, "stage2_steps": 2, "stages": "two-stage"}
     records = [{"step": i + 1, "stage": "embedding", "loss": 1.0, "seconds": 0.5} for i in range(3)]
     first, second = stage_progress(run, records)
@@ -246,9 +261,9 @@ def test_a_generated_png_carries_its_settings(ws, tiny_model_dir):
 
 
 def test_the_base_side_of_a_comparison_drops_the_placeholder():
-    from tokenbooth.ui.models import base_prompt
+    from tokenbooth.personalize.placeholder import remove_placeholder
 
-    assert base_prompt("a [V] robot on the beach", "[V]") == "a robot on the beach"
+    assert remove_placeholder("a [V] robot on the beach", "[V]") == "a robot on the beach"
 
 
 def test_ui_help_documents_every_option_and_listens_locally_by_default():
@@ -291,3 +306,291 @@ def test_validation_pictures_are_captioned_with_their_step_and_the_fidelity_the_
         + json.dumps({"step": 12, "stage": "final", "fidelity": 0.7, "encoder": "toyDINO"}) + "\n")
     captions = [c for _, c in validation_items(wsmod.Subject("robot", folder))]
     assert captions == ["step 2: fidelity 0.612 (toyDINO)", "step 10", "final: fidelity 0.700 (toyDINO)"]
+
+
+# --- what the page's clicks do (handlers.py, called without Gradio) ----------------------------------------
+
+def test_the_quick_preset_trains_a_fifth_of_the_familys_steps():
+    from tokenbooth.ui.handlers import form_defaults
+
+    family = TrainConfig.for_family("mini")
+    full, quick = form_defaults("mini", "family defaults"), form_defaults("mini", "quick")
+    assert full == (family.stage1_steps, family.stage1_lr, family.stage2_steps, family.stage2_lr, family.batch_size)
+    assert quick == (family.stage1_steps // 5, family.stage1_lr, family.stage2_steps // 5, family.stage2_lr,
+                     family.batch_size)
+
+
+def test_starting_a_training_names_the_subject_after_its_class_word_and_queues_it(ws, tmp_path):
+    from tokenbooth.ui.handlers import AdvancedSettings, TokenboothApp, start_training
+
+    app = TokenboothApp(ws)
+    advanced = AdvancedSettings(stage1_steps=3, stage1_lr=1e-3, stage2_steps=2, stage2_lr=1e-5, layers="qkv",
+                                lora_rank=4, batch_size=2, seed=0, prior_preservation=False, validation_every=0)
+    files = [str(picture(tmp_path / "a.png")), str(picture(tmp_path / "b.png"))]
+    message = start_training(app, files, " robot ", "", "mini", "family defaults", advanced)
+    assert message.startswith("**robot**: started at ") and "(3 + 2 steps on mini)" in message
+    assert [p.name for p in ws.subject("robot").references()] == ["ref-00.png", "ref-01.png"]
+    assert [j.name for j in app.queue.waiting()] == ["robot"]
+    with pytest.raises(UserError, match="class word"):
+        start_training(app, files, "  ", "", "mini", "family defaults", advanced)
+
+
+def test_renaming_a_subject_reports_its_new_folder_name_unless_it_is_training(ws):
+    from tokenbooth.ui.handlers import TokenboothApp, rename_subject
+
+    subject_with_job(ws, "robot", state="done")
+    app = TokenboothApp(ws)
+    assert rename_subject(app, "robot", "my robot!") == (
+        ["my-robot"], "my-robot", "Renamed robot to **my-robot** (folder name for 'my robot!').")
+    assert rename_subject(app, "my-robot", "ロボット")[2] == "Renamed my-robot to **ロボット**."  # as typed: no note
+    app.queue.submit(Job("ロボット", "mini", []))
+    with pytest.raises(UserError, match="waiting in the queue; take it out first"):
+        rename_subject(app, "ロボット", "other")
+
+
+def test_a_page_that_polls_again_gets_only_what_changed(ws):
+    from tokenbooth.ui.handlers import TokenboothApp, training_status
+
+    app = TokenboothApp(ws)
+    seen, changed = training_status(app, {})
+    assert set(changed) == {"view", "loss", "validation", "cancel", "resume"}  # a new page draws everything
+    assert training_status(app, seen) == (seen, {})  # nothing happened since: nothing is redrawn
+    subject_with_job(ws, "robot", state="interrupted")
+    _, changed = training_status(app, seen)
+    assert changed["resume"][0] == [("robot: interrupted (the server stopped), starts over", "robot")]
+    assert "robot" in changed["view"]
+
+
+# --- issue 26: what a first session in the browser tripped over ---------------------------------------------
+
+def quick_app(ws):
+    """An app whose queue is not started: submitted jobs stay waiting, in order."""
+    return TokenboothApp(ws, queue=JobQueue(ws, command=stand_in(30)))
+
+
+def advanced_settings(**changes):
+    fields = dict(stage1_steps=3, stage1_lr=1e-3, stage2_steps=2, stage2_lr=1e-5, layers="qkv", lora_rank=4,
+                  batch_size=2, seed=0, prior_preservation=False, validation_every=0)
+    return AdvancedSettings(**{**fields, **changes})
+
+
+def test_any_waiting_job_can_be_taken_out_and_cancel_names_the_job(ws):
+    app = quick_app(ws)
+    for name in ("a", "b", "c", "d"):
+        subject_with_job(ws, name)
+        app.queue.submit(Job(name, "mini", []))
+    assert [v for _, v in cancel_choices(app.queue)] == ["a", "b", "c", "d"]
+    assert cancel_choices(app.queue)[1][0] == "b (waiting, number 2 in the queue)"
+    message = cancel_training(app, "c")
+    assert "**c**" in message and "out of the queue" in message
+    assert [j.name for j in app.queue.waiting()] == ["a", "b", "d"] and Job.load(ws, "c").state == "cancelled"
+    names, message = delete_subject(app, "d")  # a waiting subject is deleted at once: it leaves the queue first
+    assert "d" not in names and "taken out of the queue" in message
+    assert [j.name for j in app.queue.waiting()] == ["a", "b"]
+
+
+def test_the_running_job_is_cancelled_by_name_and_cannot_be_deleted_while_it_runs(ws):
+    app = quick_app(ws)
+    app.queue.start()
+    for name in ("long", "next"):
+        subject_with_job(ws, name)
+        app.queue.submit(Job(name, "mini", []))
+    wait_until(lambda: Job.load(ws, "long").state == "running")
+    assert cancel_choices(app.queue)[0] == ("long (training)", "long")
+    with pytest.raises(UserError, match="long is training; cancel it first"):
+        delete_subject(app, "long")
+    assert "Cancelled **long**" in cancel_training(app, "long")
+    wait_until(lambda: Job.load(ws, "long").state == "cancelled")
+    cancel_training(app, "next")
+    app.queue.stop()
+
+
+def test_a_new_subject_and_a_rename_say_the_folder_name_when_it_is_not_what_was_typed(ws, tmp_path):
+    app = quick_app(ws)
+    files = [str(picture(tmp_path / "a.png"))]
+    assert start_training(app, files, "robot", "my robot!", "mini", "family defaults",
+                          advanced_settings()).startswith("**my-robot** (folder name for 'my robot!'): started at")
+    assert start_training(app, files, "robot", "ロボット", "mini", "family defaults",
+                          advanced_settings()).startswith("**ロボット**: queued at ")  # the name as typed
+    with pytest.raises(UserError, match="path separator"):
+        start_training(app, files, "robot", "../../evil", "mini", "family defaults", advanced_settings())
+    with pytest.raises(UserError, match="reserved"):
+        start_training(app, files, "robot", "con", "mini", "family defaults", advanced_settings())
+    assert sorted(s.name for s in ws.subjects()) == ["my-robot", "ロボット"]
+
+
+def test_the_start_message_stays_true_after_the_job_has_moved_on(ws, tmp_path):
+    app = quick_app(ws)
+    files = [str(picture(tmp_path / "a.png"))]
+    start_training(app, files, "robot", "", "mini", "family defaults", advanced_settings())
+    second = start_training(app, files, "robot", "robot2", "mini", "family defaults", advanced_settings())
+    assert "queued at " in second and "behind 1 training(s)" in second  # a past event, not "waiting, number 1"
+    assert "waiting" not in second and "number" not in second
+
+
+def log_steps(folder, seconds):
+    with open(folder / "log.jsonl", "w") as f:
+        for i, s in enumerate(seconds):
+            f.write(json.dumps({"step": i + 1, "stage": "embedding", "loss": 1.0, "seconds": s}) + "\n")
+
+
+RUN_WITH_PICTURES = {"stage1_steps": 10, "stage2_steps": 0, "stages": "embedding", "validation_steps": 2,
+                     "validation_prompts": ["a [V] robot"]}
+
+
+def test_time_left_counts_the_validation_pictures_still_to_draw():
+    # pictures after steps 2, 4, 6, 8 and final.png; each adds 28 s to the step after it
+    seconds = [1, 1, 29, 1, 29, 1]
+    records = [{"step": i + 1, "stage": "embedding", "loss": 1.0, "seconds": s} for i, s in enumerate(seconds)]
+    (stage,) = stage_progress(RUN_WITH_PICTURES, records)
+    assert stage.done == 6 and not stage.at_least
+    assert stage.seconds_left == pytest.approx(4 * 1 + 2 * 28)  # steps 7-10, pictures after 8 and final
+
+    # a stage starts its clock afresh: the picture after stage 1's last step (4) is in no step's seconds
+    two_stages = {**RUN_WITH_PICTURES, "stages": "two-stage", "stage1_steps": 4, "stage2_steps": 6}
+    records = [{"step": i + 1, "stage": "embedding", "loss": 1.0, "seconds": s} for i, s in enumerate([1, 1, 29, 1, 1])]
+    first, second = stage_progress(two_stages, records)
+    assert first.seconds_left == 0 and second.seconds_left == pytest.approx(5 * 1 + 3 * 28)  # after 6, 8, final
+
+
+def test_before_a_picture_is_timed_the_time_left_is_a_lower_bound():
+    records = [{"step": i + 1, "stage": "embedding", "loss": 1.0, "seconds": 1.0} for i in range(2)]
+    (stage,) = stage_progress(RUN_WITH_PICTURES, records, since_last_step=12.0)  # step 2's picture: 12 s so far
+    assert stage.at_least and stage.seconds_left == pytest.approx(8 + 12)
+    assert time_left_words(stage, True) == ", at least 20s left"
+    (stage,) = stage_progress(RUN_WITH_PICTURES, [])
+    assert time_left_words(stage, True) == ", starting"  # nothing timed yet: no "estimating... left"
+
+
+def test_the_page_says_starting_then_drawing_a_picture(ws):
+    subject = subject_with_job(ws, "robot", state="running")
+    job = Job.load(ws, "robot")
+    job.started = time.time() - 5
+    job.save(ws)
+    cfg = TrainConfig.for_family("mini", class_name="robot", stage1_steps=10, stage2_steps=0, stages="embedding",
+                                 validation_steps=2, validation_prompts=["a [V] robot"])
+    run_folder.write_run(subject.folder, cfg, None)
+    queue = JobQueue(ws)
+    queue._running = job  # as the worker holds it while the child trains
+    page = panels.job_html(queue, job)
+    assert "0/10 steps, starting" in page and "estimating" not in page
+    log_steps(subject.folder, [1.0, 1.0])
+    page = panels.job_html(queue, job)
+    assert "Drawing the validation picture of step 2" in page and "at least" in page
+
+
+def test_a_resumed_job_shows_the_step_it_went_back_to(ws):
+    subject = subject_with_job(ws, "robot", state="running")
+    cfg = TrainConfig.for_family("mini", class_name="robot", stage1_steps=10, stage2_steps=0, stages="embedding")
+    run_folder.write_run(subject.folder, cfg, None)
+    log_steps(subject.folder, [1.0] * 8)  # the stopped run got to step 8; its last checkpoint is step 6
+    checkpoint = subject.folder / "checkpoints" / "step-6"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "progress.json").write_text("{}")
+    job = Job.load(ws, "robot")
+    job.started = time.time() + 1  # resumed after the log was last written: the child is still loading
+    queue = JobQueue(ws)
+    queue._running = job
+    page = panels.job_html(queue, job)
+    assert "6/10 steps" in page and "go on from its checkpoint at step 6" in page
+    job.started = time.time() - 60  # the resumed run has written its log since: it is the truth again
+    assert "8/10 steps" in panels.job_html(queue, job)
+
+
+def test_resume_offers_say_why_a_job_stopped_and_where_it_would_go_on_from(ws):
+    subject_with_job(ws, "early", state="cancelled")  # cancelled before its first checkpoint
+    killed = subject_with_job(ws, "killed", state="interrupted")
+    (killed.folder / "checkpoints" / "step-4").mkdir(parents=True)
+    (killed.folder / "checkpoints" / "step-4" / "progress.json").write_text("{}")
+    _, changed = training_status(quick_app(ws), {})
+    choices, _ = changed["resume"]
+    assert choices == [("killed: interrupted (the server stopped), from step 4", "killed"),
+                       ("early: cancelled, starts over", "early")]
+    assert "starts it over" in changed["view"] or "from its checkpoint" in changed["view"]
+
+
+def test_generate_reports_the_whole_clicks_time_with_the_base_models_side(ws, monkeypatch):
+    finished = subject_with_job(ws, "robot", state="done")
+    (finished.folder / "adapter_config.json").write_text(json.dumps({"backbone": "mini", "class_name": "robot"}))
+
+    def slow_generate(models, workspace, model, subject, prompt, n, overrides):
+        time.sleep(0.3)  # the drawing itself reports 0.01 s: loading and saving are the rest
+        return [ws.root / f"{prompt}-{i}.png" for i in range(n)], {"seconds": 0.01, "seed": 0, "cfg_scale": 3.0,
+                                                                   "image_top_k": 10, "sampler": "plain"}
+    monkeypatch.setattr(handlers, "generate", slow_generate)
+    drawn = handlers.generate_images(quick_app(ws), "subject:robot", "a [V] robot", 2, 0, None, None, "plain", True)
+    seconds = float(drawn.message.split(" in ")[1].split("s")[0])
+    assert seconds >= 0.6  # both drawings, not the first one's 0.01 s
+    assert "and the base model's 2" in drawn.message and "0.01s for the base model's" in drawn.message
+    assert len(drawn.base) == 2
+
+
+def test_an_unreadable_upload_is_taken_out_of_the_list_and_named(tmp_path):
+    good = [str(picture(tmp_path / f"ok{i}.png")) for i in range(2)]
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    kept, thumbs, message, memory = check_pictures(good + [str(tmp_path / "broken.jpg")])
+    assert kept == good and thumbs == good
+    assert "broken.jpg: not a readable image" in message and "Left out of the list: broken.jpg." in message
+    again = check_pictures(good, memory)  # the pruned list comes back through the widget's change event
+    assert again.kept is None and again.message == message  # the list stays, and so does what named the file
+    assert check_pictures(good).kept is None and check_pictures(None).message == ""
+
+
+def test_the_empty_loss_plot_says_when_it_fills_and_draws_each_stage_in_its_colour():
+    assert "appears here with the first training step" in loss_svg([])
+    svg = loss_svg([{"step": 1, "stage": "embedding", "loss": 2.0}, {"step": 2, "stage": "embedding", "loss": 1.0},
+                    {"step": 3, "stage": "layers", "loss": 0.5}])
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2
+    assert STAGE_COLORS["embedding"] in svg and STAGE_COLORS["layers"] in svg
+
+
+def test_a_reloaded_page_gets_back_the_form_of_the_training_it_started(ws, tmp_path):
+    app = quick_app(ws)
+    assert restore_form(app) is None  # nothing training: the form starts from the defaults
+    files = [str(picture(tmp_path / "a.png")), str(picture(tmp_path / "b.png"))]
+    start_training(app, files, "robot", "", "mini", "family defaults", advanced_settings(stage1_steps=7))
+    restored = restore_form(app)
+    assert (restored.class_word, restored.subject_name, restored.model) == ("robot", "robot", "mini")
+    assert [p.split("/")[-1] for p in restored.files] == ["ref-00.png", "ref-01.png"]
+    assert restored.fields == (7, 1e-3, 2, 1e-5, 2)
+
+
+def test_a_subject_cancelled_before_its_run_began_still_shows_its_settings(ws):
+    flags = train_flags(TrainConfig.for_family("mini", class_name="robot", stage1_steps=7))
+    subject = ws.create_subject("robot", [picture(ws.root / "r.png")])
+    Job("robot", "mini", flags, state="cancelled").save(ws)
+    summary = panels.subject_summary(subject, TokenboothApp(ws).queue)
+    assert "cancelled" in summary and "`[V] robot`" in summary and "| stage1_steps | 7 |" in summary
+    assert "resuming starts it over" in summary
+
+
+def test_a_second_server_on_the_same_workspace_refuses_in_one_line(ws):
+    first = WorkspaceLock(ws.root).acquire()
+    with pytest.raises(UserError) as refused:
+        WorkspaceLock(ws.root).acquire()
+    message = str(refused.value)
+    assert f"pid {os.getpid()}" in message and str(ws.root) in message and "\n" not in message
+    first.release()
+    WorkspaceLock(ws.root).acquire().release()  # free again once the first has let go
+
+
+def test_a_lock_left_by_a_dead_server_is_taken_over(ws, monkeypatch):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (ws.root / lock_module.LOCK_FILE).write_text(f"{dead.pid}\n")
+    lock_module.WorkspaceLock(ws.root).acquire().release()
+    monkeypatch.setattr(lock_module, "fcntl", None)  # where there is no flock (Windows), the recorded pid decides
+    (ws.root / lock_module.LOCK_FILE).write_text(f"{dead.pid}\n")
+    lock_module.WorkspaceLock(ws.root).acquire()
+    (ws.root / lock_module.LOCK_FILE).write_text(f"{os.getppid()}\n")  # a live process (this test's parent)
+    with pytest.raises(UserError, match="already serving"):
+        lock_module.WorkspaceLock(ws.root).acquire()
+
+
+def test_a_second_tokenbooth_ui_process_is_refused(ws):
+    held = WorkspaceLock(ws.root).acquire()
+    code = ("import sys; from tokenbooth.ui.lock import WorkspaceLock; from tokenbooth.errors import UserError\n"
+            f"try: WorkspaceLock({str(ws.root)!r}).acquire()\nexcept UserError as e: print(e); sys.exit(3)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    held.release()
+    assert result.returncode == 3 and "already serving" in result.stdout

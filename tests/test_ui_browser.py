@@ -1,8 +1,10 @@
 """The web app in a real browser: Debian's headless Chromium driven by Playwright (no browser download).
 
-Starts `tokenbooth ui` on a free port, uploads the demo subject's pictures, trains mini for a few steps,
-reloads the page and opens a second tab mid-training (the job is the server's, not the page's), waits for the
-adapter, draws 2 images and downloads one as a PNG with its settings.
+Starts `tokenbooth ui` on a free port, uploads the demo subject's pictures (and an unreadable file, which is
+taken out of the list), trains mini for a few steps, reloads the page and opens a second tab mid-training (the
+job is the server's, not the page's: the form comes back too), waits for the adapter and its captioned
+validation pictures, draws 2 images and downloads one as a PNG with its settings, renames the subject in the
+Subjects tab, and checks that the page threw no script error on the way.
 
     python tests/test_ui_browser.py docs/    # the same walk on a quick real training, screenshots into docs/
 """
@@ -73,19 +75,27 @@ def wait_for_text(page, selector: str, *needles: str, timeout_ms: int = TIMEOUT_
     return page.inner_text(selector)
 
 
-def upload_demo_subject(page) -> None:
+def upload_demo_subject(page, unreadable: Path | None = None) -> None:
+    """The demo subject's 5 pictures (and `unreadable`, a file the page must leave out, naming it)."""
     from tokenbooth.assets import DEMO_SUBJECT_DIR
 
     page.wait_for_selector("#start")
-    page.set_input_files("#references input[type=file]", sorted(str(p) for p in DEMO_SUBJECT_DIR.glob("*.png")))
-    assert "5 image(s) ready" in wait_for_text(page, "#upload-message", "ready")
+    files = sorted(str(p) for p in DEMO_SUBJECT_DIR.glob("*.png")) + ([str(unreadable)] if unreadable else [])
+    page.set_input_files("#references input[type=file]", files)
+    message = wait_for_text(page, "#upload-message", "ready")
+    assert "5 image(s) ready" in message
+    if unreadable is not None:
+        message = wait_for_text(page, "#upload-message", "Left out of the list")
+        assert unreadable.name in message
+        page.wait_for_function(f"!document.querySelector('#references').innerText.includes({unreadable.name!r})")
     page.fill("#class-word textarea", "robot")
 
 
-def personalize(page, url: str, stage1: int, stage2: int, screenshots: Path | None = None) -> None:
+def personalize(page, url: str, stage1: int, stage2: int, screenshots: Path | None = None,
+                unreadable: Path | None = None) -> None:
     """Uploads the demo subject, starts a training, reloads mid-way and checks a second tab, waits for the end."""
     page.goto(url)
-    upload_demo_subject(page)
+    upload_demo_subject(page, unreadable)
     page.click("#advanced .label-wrap")  # the accordion opens on its header
     page.fill("#stage1-steps input", str(stage1))
     page.fill("#stage2-steps input", str(stage2))
@@ -93,9 +103,12 @@ def personalize(page, url: str, stage1: int, stage2: int, screenshots: Path | No
     assert "robot" in wait_for_text(page, "#start-message", "robot")
     wait_for_text(page, "#job-status", "training")
 
-    page.reload()  # the job belongs to the server: a fresh page finds it still running
+    page.reload()  # the job belongs to the server: a fresh page finds it still running, and the form it started
     page.wait_for_selector("#start")
     assert "robot: training" in wait_for_text(page, "#job-status", "training", "finished")
+    if "robot: training" in job_text(page):
+        page.wait_for_function("document.querySelector('#class-word textarea').value === 'robot'")
+        page.wait_for_function("document.querySelectorAll('#thumbs img').length === 5")
     other = page.context.new_page()  # and so does a second tab
     other.goto(url)
     assert "robot" in wait_for_text(other, "#job-status", "training", "finished")
@@ -107,6 +120,10 @@ def personalize(page, url: str, stage1: int, stage2: int, screenshots: Path | No
         page.screenshot(path=str(screenshots / "ui-personalize.png"), full_page=True)
     wait_for_text(page, "#job-status", "finished", "failed")
     assert "robot: finished" in job_text(page), job_text(page)
+    page.wait_for_function("document.querySelectorAll('#validation .caption-label').length >= 2")
+    cut = page.evaluate("Array.from(document.querySelectorAll('#validation .caption-label'))"
+                        ".filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.innerText)")
+    assert cut == [], f"validation captions cut off: {cut}"
 
 
 def generate_two(page, url: str, compare: bool = False) -> list[Path]:
@@ -137,6 +154,29 @@ def new_page(browser):
     return context.new_page()
 
 
+def pick_subject(page, name: str) -> None:
+    page.click("#subject-pick input")
+    page.locator(f"ul li:has-text({name!r})").first.click()
+    wait_for_text(page, "#subject-summary", f"{name}:")
+
+
+def rename_in_subjects(page) -> None:
+    """Picks the subject cancelled before its first step and back (a loss plot with nothing to draw after one
+    with a curve: Gradio's plot threw "reading 'offsetWidth'" there), then renames the trained one to a name
+    that is not a folder name as typed: the page says the folder's name, and the message stays (the subject
+    list's update must not wipe it)."""
+    page.click("#tab-subjects-button")
+    for name in ("robot", "cancelled", "robot"):
+        pick_subject(page, name)
+    wait_for_text(page, "#subject-summary", "finished adapter")
+    page.fill("#new-name textarea", "my robot!")
+    page.click("#rename")
+    message = wait_for_text(page, "#subjects-message", "Renamed", "Error")
+    assert "**" not in message and "my-robot (folder name for 'my robot!')" in message, message
+    time.sleep(2)  # the pick's change event has run by now
+    assert "Renamed robot" in page.inner_text("#subjects-message")
+
+
 @pytest.fixture
 def browser_page():
     if not CHROMIUM.exists():
@@ -146,16 +186,27 @@ def browser_page():
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         page = new_page(browser)
+        page.script_errors = []  # what the page threw: a tab switch or a pick must throw nothing
+        page.on("pageerror", lambda error: page.script_errors.append(str(error)))
         yield page
         browser.close()
 
 
 def test_personalize_then_generate_in_a_real_browser(browser_page, tmp_path):
+    from tokenbooth.ui.jobs import Job
     from tokenbooth.ui.models import read_png_settings
+    from tokenbooth.ui.workspace import Workspace
 
-    with served_app(tmp_path / "ws") as url:
-        personalize(browser_page, url, stage1=6, stage2=4)
+    unreadable = tmp_path / "not-a-picture.png"
+    unreadable.write_bytes(b"this is not a PNG")
+    workspace = Workspace(tmp_path / "ws")  # a subject whose training was cancelled before its first step
+    workspace.create_subject("cancelled", [])
+    Job("cancelled", "mini", ["--class-name", "dog"], state="cancelled").save(workspace)
+    with served_app(workspace.root) as url:
+        personalize(browser_page, url, stage1=6, stage2=4, unreadable=unreadable)
         downloads = generate_two(browser_page, url)
+        rename_in_subjects(browser_page)
+    assert browser_page.script_errors == []
     assert len(downloads) == 2
     assert downloads[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     settings = read_png_settings(downloads[0])

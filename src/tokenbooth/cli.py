@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 from . import __version__
+from .commands import MODULES
+from .commands.common import Parser, UsageError
 from .errors import UserError
 
 
 def build_parser():
-    from .commands import MODULES
-    from .commands.common import Parser
-
     ap = Parser(prog="tokenbooth", description="Personalize auto-regressive text-to-image models.")
     ap.add_argument("--version", action="version", version=f"tokenbooth {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="{generate,train,demo,score,eval,convert,ui,plan}")
@@ -22,12 +23,8 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .commands.common import UsageError
-
     try:
         args = build_parser().parse_args(argv)
-        import torch
-
         torch.set_flush_denormal(True)  # denormals slow CPU kernels down many times over
         args.run(args)
     except UserError as e:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .errors import UserError
 
@@ -62,8 +62,6 @@ def make_grid(images, columns: int | None = None, min_cell: int = 128, pad: int 
 def line_plot(values, title: str = "", size=(640, 360), x_ends: tuple | None = None) -> Image.Image:
     """A minimal line chart drawn with Pillow (no plotting library needed): the loss curve. x_ends labels the
     first and last point (default: 0 and the number of values)."""
-    from PIL import ImageDraw
-
     w, h = size
     left, right, top, bottom = 60, 20, 30, 40
     img = Image.new("RGB", size, "white")
@@ -88,8 +86,6 @@ def line_plot(values, title: str = "", size=(640, 360), x_ends: tuple | None = N
 
 def labeled_rows(rows: list[tuple[str, list]], min_cell: int = 96, label_width: int = 230, pad: int = 2) -> Image.Image:
     """One row of images per (label, images), the label written on the left: comparison figures."""
-    from PIL import ImageDraw
-
     w, h = rows[0][1][0].size
     scale = max(1, min_cell // max(w, h))
     cw, ch = w * scale, h * scale

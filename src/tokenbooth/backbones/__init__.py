@@ -9,28 +9,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UserError
-from .base import Backbone, ImageLayout
-
 from ..assets import MINI_DIR
+from ..errors import UserError
+from . import chameleon, janus
+from .base import Backbone, ImageLayout  # noqa: F401 (the protocol, importable from the package)
+from .hf import read_config
+from .hub import cached_snapshot
 
 # Names users can type; each maps to a folder that ships with the package.
 BUILTIN = {"mini": MINI_DIR}
+# What marks an adapter folder (personalize/adapter.py's CONFIG, named again here because backbones sit below
+# personalize): one given as a model is pointed to --adapter.
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def presets() -> dict[str, tuple[str, int]]:
     """Published checkpoints by name: (Hub repository, resolution)."""
-    from . import chameleon, janus
-
     return {**chameleon.PRESETS, **janus.PRESETS}
 
 
 def loaders() -> dict:
     """config.json model_type -> the family's loader."""
-    from .chameleon import load_chameleon
-    from .janus import load_janus
-
-    return {"chameleon": load_chameleon, "janus": load_janus}
+    return {"chameleon": chameleon.load_chameleon, "janus": janus.load_janus}
 
 
 def load_backbone(name_or_path: str, resolution: int | None = None, device: str | None = None,
@@ -39,10 +39,7 @@ def load_backbone(name_or_path: str, resolution: int | None = None, device: str 
 
     resolution: for a Lumina-mGPT folder whose name does not say it. device: None = the GPU if there is one,
     "auto" = layers spread over all GPUs. dtype: None = the checkpoint's own (bf16 for the published models).
-    quantize: "int8" or "nf4" for a frozen base in 8 or 4 bits (personalize/lean.py), quantized on the CPU."""
-    from .hf import read_config
-    from .hub import cached_snapshot
-
+    quantize: "int8" or "nf4" for a frozen base in 8 or 4 bits (backbones/quantize.py), quantized on the CPU."""
     known = presets()
     if name_or_path in BUILTIN:
         folder, name = BUILTIN[name_or_path], name_or_path
@@ -59,6 +56,9 @@ def load_backbone(name_or_path: str, resolution: int | None = None, device: str 
             raise UserError(f"unknown model {name_or_path!r}: not a known name ({names}) and no such folder")
         if not folder.is_dir():
             raise UserError(f"model path {folder} is not a folder")
+        if (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file():
+            raise UserError(f"{folder} is an adapter folder, not a model: pass it as --adapter, with its base model "
+                            f"as --model")
     config = read_config(folder)
     if not isinstance(config, dict):
         raise UserError(f"{folder / 'config.json'} must hold a JSON object, not a {type(config).__name__}")

@@ -18,6 +18,8 @@ from typing import Protocol
 
 import torch
 
+from ..errors import UserError
+
 
 @dataclass(frozen=True)
 class ImageLayout:
@@ -93,8 +95,6 @@ class ImageLayout:
 
 def require_token(tokenizer, token: str, model_name: str) -> int:
     """The id of a token the backbone's layout needs; a tokenizer without it belongs to another model."""
-    from ..errors import UserError
-
     tid = tokenizer.token_to_id(token)
     if tid is None:
         raise UserError(f"{model_name}: tokenizer has no token {token!r}")
@@ -142,6 +142,10 @@ class Backbone(Protocol):
 
     def input_embeddings(self) -> torch.nn.Embedding:
         """The text token embedding table, where [V] gets its row."""
+
+    def decoder_layers(self) -> list[torch.nn.Module]:
+        """The transformer's decoder layers (blocks), in order: what a quantized base stores in 4 or 8 bits
+        (backbones/quantize.py) and what `tokenbooth plan` follows. Each holds one of `attention_layers()`."""
 
     def attention_layers(self) -> list:
         """Self-attention modules with q_proj, k_proj, v_proj: stage 2's default targets."""

@@ -38,10 +38,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 
 from ..errors import UserError
-from ..vq import VQGAN, load_vqgan
+from ..io import atomic_path, atomic_write_json
+from ..quiet import quiet_imports
+from ..vq import VQGAN, load_vqgan, save_vqgan
+from ..vq.taming import load_taming_vqgan
 from .base import ImageLayout, ImageLogits, parameters_outside, require_token
+from .hf import load_pretrained, read_config, read_tensors, use_float32_attention_on_cpu
+from .hub import cached_file
 
 IMAGE_START = "<racm3:break>"
 IMAGE_END = "<eoss>"
@@ -89,15 +95,11 @@ class ChameleonSpec:
         return ChameleonSpec(**{k: v for k, v in json.loads(path.read_text()).items() if k in fields})
 
     def write(self, folder: Path) -> None:
-        from ..io import atomic_write_json
-
         atomic_write_json(folder / "tokenbooth.json", asdict(self))
 
 
 class ChameleonBackbone(ImageLogits):
     def __init__(self, name: str, model, tokenizer, vqgan: VQGAN, spec: ChameleonSpec, folder: Path | None = None):
-        from .hf import use_float32_attention_on_cpu
-
         self.name, self.model, self.tokenizer, self.spec = name, model, tokenizer, spec
         use_float32_attention_on_cpu(model)  # mini and Lumina-mGPT train under bf16 autocast
         self.folder = folder  # where the weights came from: adapters record its fingerprint
@@ -174,9 +176,12 @@ class ChameleonBackbone(ImageLogits):
     def input_embeddings(self) -> torch.nn.Embedding:
         return self.model.model.embed_tokens
 
+    def decoder_layers(self) -> list[torch.nn.Module]:
+        return decoder_layers(self.model)
+
     def attention_layers(self) -> list:
         """The self-attention blocks whose q_proj/k_proj/v_proj personalization's stage 2 trains."""
-        return [layer.self_attn for layer in self.model.model.layers]
+        return [layer.self_attn for layer in self.decoder_layers()]
 
     def placeholder_candidates(self) -> list[str]:
         """Reserved vocabulary entries free to become [V]: Chameleon's <reservedNNNNN> tokens below the
@@ -196,14 +201,16 @@ class ChameleonBackbone(ImageLogits):
 
 # --- loading --------------------------------------------------------------------------------------------
 
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """A transformers Chameleon model's decoder layers (`ChameleonBackbone.decoder_layers`; the loader needs
+    them before the backbone exists, to quantize them)."""
+    return list(model.model.layers)
+
+
 def load_chameleon(folder: Path, name: str | None = None, dtype=None, resolution: int | None = None,
                    device: str | None = None, quantize: str = "none") -> ChameleonBackbone:
     """A tokenbooth Chameleon folder, or Lumina-mGPT's as published (see the module docstring)."""
-    from tokenizers import Tokenizer
-
-    from .hf import load_pretrained, quiet_imports, read_config
-
-    with quiet_imports():
+    with quiet_imports():  # here, not at the top: the model classes take seconds to import, `--help` none
         from transformers import ChameleonForConditionalGeneration
 
     folder = Path(folder)
@@ -220,7 +227,7 @@ def load_chameleon(folder: Path, name: str | None = None, dtype=None, resolution
     model, reshaped = load_pretrained(ChameleonForConditionalGeneration, folder, dtype=dtype, device=device,
                                       optional=(".vqmodel.",),  # Lumina-mGPT deletes the VQ model before saving
                                       accept_mismatch=_is_sharded_qk_norm, quantize=quantize,
-                                      decoder_layers=lambda m: list(m.model.layers))
+                                      decoder_layers=decoder_layers)
     if reshaped:
         _expand_sharded_qk_norms(model, folder, reshaped)
     try:
@@ -243,8 +250,6 @@ def published_resolution(folder: Path, name: str | None, resolution: int | None)
 
 
 def text_tokenizer_path(folder: Path) -> Path:
-    from .hub import cached_file
-
     if (folder / "tokenizer.json").is_file():
         return folder / "tokenizer.json"
     cached = cached_file(TOKENIZER_REPO, "tokenizer.json")
@@ -279,8 +284,6 @@ def vqgan_folders(folder: Path) -> list[Path]:
 def find_vqgan(folder: Path) -> VQGAN:
     """Either format in the first folder that has one: vqgan.json + vqgan.safetensors (tokenbooth's, see
     `tokenbooth convert vqgan`), or vqgan.yaml + vqgan.ckpt as Meta's Chameleon release ships them."""
-    from ..vq.taming import load_taming_vqgan
-
     places = vqgan_folders(folder)
     for place in places:
         if (place / "vqgan.json").is_file() or (place / "vqgan.safetensors").is_file():
@@ -299,8 +302,6 @@ def _is_sharded_qk_norm(name: str, in_file, in_model) -> bool:
 
 
 def _expand_sharded_qk_norms(model, folder: Path, reshaped: list) -> None:
-    from .hf import read_tensors
-
     stored = read_tensors(folder, [name for name, _, _ in reshaped])
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -312,9 +313,6 @@ def _expand_sharded_qk_norms(model, folder: Path, reshaped: list) -> None:
 def save_chameleon(backbone: ChameleonBackbone, folder: Path) -> None:
     """Writes a model folder that `load_chameleon` reads back: the layout of a Hugging Face Chameleon
     checkpoint plus tokenizer.json, vqgan/ and tokenbooth.json."""
-    from ..io import atomic_path
-    from ..vq import save_vqgan
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     backbone.model.save_pretrained(folder)

@@ -4,6 +4,8 @@ spell is `chameleon.py`'s."""
 
 from __future__ import annotations
 
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
 from .chameleon import IMAGE_END, IMAGE_START, ROW_END, TURN_END, image_token_name, size_token
 
 NUM_PLACEHOLDER_TOKENS = 32  # <reserved00000>.. : free rows for personalization's [V], as in Chameleon
@@ -23,8 +25,6 @@ def vocabulary_specials(n_codes: int) -> list[str]:
 
 
 def train_bpe_tokenizer(texts: list[str], n_codes: int, merges: int):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
     specials = vocabulary_specials(n_codes)
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.Lowercase()  # "A Red Robot" means the same as "a red robot"
@@ -36,13 +36,12 @@ def train_bpe_tokenizer(texts: list[str], n_codes: int, merges: int):
     return tok
 
 
-
 def chameleon_config(vocabulary: dict, n_codes: int, hidden: int = 256, layers: int = 6,
                      heads: int = 8, context: int = 256,
                      resolution: int = 32):
     """A Chameleon config over `vocabulary`: Lumina-mGPT 7B's architecture (4096 wide, 32 layers, 32 heads) cut
     down; mini and the tests' tiny models are built with it."""
-    from transformers import ChameleonConfig
+    from transformers import ChameleonConfig  # here for start-up time, as chameleon.py's model class
 
     vocab_size = -(-len(vocabulary) // 64) * 64
     return ChameleonConfig(

@@ -10,6 +10,16 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 
+# The model every command, the demo and the web app use unless told otherwise: the bundled one, which runs on a
+# laptop's CPU.
+DEFAULT_MODEL = "mini"
+
+# Images `generate` draws at once unless --batch-size says otherwise: memory grows with the batch (every image
+# has its KV cache, twice with guidance), so the default is small: `generate`'s old single batch of 4, which a
+# laptop's CPU holds with mini. `tokenbooth plan -n B` gives a large model's figure at batch B (Lumina-mGPT 7B 768
+# with guidance, bf16: 17.1 GB at 1, 25.1 GB at 4). A family whose table entry names its own value uses that.
+DEFAULT_SAMPLE_BATCH_SIZE = 4
+
 
 @dataclass(frozen=True)
 class FamilyDefaults:
@@ -19,6 +29,7 @@ class FamilyDefaults:
     # DreamBench's DINO ViT-S/16 from the Hugging Face cache; "toydino", the bundled encoder in DINO's role in
     # toyworld; or a ViT folder.
     fidelity: str = "dino"
+    sample_batch_size: int = DEFAULT_SAMPLE_BATCH_SIZE  # images `generate` draws at once (its --batch-size)
 
 
 # Sun et al. 2025, Sec. 4.1, on Lumina-mGPT 7B: stage 1 lr 0.01 for about 1500 steps, stage 2 lr 5e-6 for

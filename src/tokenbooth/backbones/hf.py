@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..errors import UserError
+from .quantize import quantize_layers
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -20,8 +23,6 @@ def resolve_device(device: str | None) -> str:
     """None: the GPU when there is one (this process's own under `accelerate launch`/torchrun, which set
     LOCAL_RANK). "auto": spread the layers over every visible GPU (accelerate's device map), for a model
     that does not fit on one."""
-    import os
-
     if not device:
         if not torch.cuda.is_available():
             return "cpu"
@@ -48,7 +49,7 @@ def require(path: Path, what: str = "model file") -> Path:
 @contextlib.contextmanager
 def quiet_transformers():
     """transformers prints a load report table and progress bars; tokenbooth reports problems itself."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # transformers' submodules: here for start-up time
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -59,35 +60,14 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-@contextlib.contextmanager
-def quiet_imports():
-    """For importing transformers' model classes: its modeling_utils imports torchao whenever torchao is
-    installed, and a torchao built for another torch logs the optional kernels it cannot load and torch's
-    register_constant deprecation, once per process. Harmless to tokenbooth, which never uses torchao through
-    transformers, and nothing a user can act on."""
-    import logging
-
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def load_pretrained(cls, folder: Path, *, dtype=None, device: str | None = None, optional=(), accept_mismatch=None,
                     quantize: str = "none", decoder_layers=None):
     """`cls.from_pretrained(folder)` with tokenbooth's rules. Parameters whose name contains one of `optional`
     may be absent from the files; `accept_mismatch(name, shape_in_file, shape_in_model)` may accept a shape
     difference the caller then repairs. quantize: "int8" or "nf4" stores the Linear weights of
-    `decoder_layers(model)` quantized (personalize/lean.py), done on the CPU before the model moves to its
+    `decoder_layers(model)` quantized (backbones/quantize.py), done on the CPU before the model moves to its
     device, so the device never holds the full-precision model. Returns (model in eval mode, the accepted
     mismatches)."""
-    from safetensors import SafetensorError
-
     folder = Path(folder)
     if not any((folder / f).is_file() for f in WEIGHT_FILES):
         raise UserError(f"model file missing: {folder / 'model.safetensors'} (or sharded model-*.safetensors with "
@@ -119,8 +99,6 @@ def load_pretrained(cls, folder: Path, *, dtype=None, device: str | None = None,
             detail = f"the files hold {unexpected[0]}, which the config does not build"
         raise UserError(f"weights in {folder} do not match its config.json: {detail}")
     if quantize != "none":
-        from ..personalize.lean import quantize_layers
-
         quantize_layers(decoder_layers(model), quantize)
         model.to(target)
     return model.eval(), [m for m in mismatched if m not in refused]
@@ -135,7 +113,7 @@ def float32_sdpa_on_cpu(module, query, key, value, attention_mask, **kwargs):
     flash-attention kernel is slower in bfloat16 than in float32 (about 1.37x at mini's training shapes; whole
     training steps 1.07-1.13x faster, benchmarks/attention.py), and float32 is the more precise. On a GPU, or
     for float32 input, plain SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # start-up time, as above
 
     lowered = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     if query.device.type != "cpu" or not (lowered or value.dtype == torch.bfloat16):
@@ -152,7 +130,7 @@ def use_float32_attention_on_cpu(model) -> None:
     """Switches a transformers model to `float32_sdpa_on_cpu`, registered with transformers by name together
     with SDPA's mask builder: without one, transformers hands an unknown implementation the raw 2-D padding
     mask, and a padded batch attends without causality."""
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface  # start-up time, as above
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(CPU_FLOAT32_SDPA, float32_sdpa_on_cpu)
@@ -162,8 +140,6 @@ def use_float32_attention_on_cpu(model) -> None:
 
 def read_tensors(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
     """Selected tensors straight from a folder's safetensors files (single or sharded)."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     where = json.loads(index.read_text())["weight_map"] if index.is_file() else {n: "model.safetensors" for n in names}

@@ -21,7 +21,7 @@ def hub_cache_dir() -> Path:
 
 def cached_snapshot(repo_id: str, name: str) -> Path:
     """The folder of the newest cached snapshot of `repo_id`, or one line saying how to get it."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # here for start-up time: its hf_api costs `--help` ~0.3 s
 
     cache = hub_cache_dir()
     try:
@@ -34,7 +34,7 @@ def cached_snapshot(repo_id: str, name: str) -> Path:
 
 def cached_file(repo_id: str, filename: str) -> Path | None:
     """One file of a cached repository, or None."""
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # start-up time, as above
 
     found = try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache_dir())
     return Path(found) if isinstance(found, str) else None

@@ -33,9 +33,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tokenizers import AddedToken, Tokenizer
 
 from ..errors import UserError
+from ..quiet import quiet_imports
 from .base import ImageLayout, ImageLogits, parameters_outside, require_token
+from .hf import load_pretrained, read_config, require
 
 PRESETS = {
     "janus-pro-1b": ("deepseek-community/Janus-Pro-1B", 384),
@@ -76,8 +79,6 @@ class JanusBackbone(ImageLogits):
         return require_token(self.tokenizer, token, self.name)
 
     def _add_placeholder_row(self) -> None:
-        from tokenizers import AddedToken
-
         self.tokenizer.add_special_tokens([AddedToken(PLACEHOLDER, special=True, normalized=False)])
         pid = self._id(PLACEHOLDER)
         table = self.lm.embed_tokens
@@ -134,8 +135,11 @@ class JanusBackbone(ImageLogits):
     def input_embeddings(self) -> torch.nn.Embedding:
         return self.lm.embed_tokens
 
+    def decoder_layers(self) -> list[torch.nn.Module]:
+        return decoder_layers(self.model)
+
     def attention_layers(self) -> list:
-        return [layer.self_attn for layer in self.lm.layers]
+        return [layer.self_attn for layer in self.decoder_layers()]
 
     def placeholder_candidates(self) -> list[str]:
         return [PLACEHOLDER]
@@ -159,13 +163,15 @@ class JanusBackbone(ImageLogits):
         return pixels.clamp(-1, 1).float().cpu()
 
 
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """A transformers Janus model's language-model decoder layers (`JanusBackbone.decoder_layers`; the loader
+    needs them before the backbone exists, to quantize them)."""
+    return list(model.model.language_model.layers)
+
+
 def load_janus(folder: Path, name: str | None = None, dtype=None, resolution: int | None = None,
                device: str | None = None, quantize: str = "none") -> JanusBackbone:
-    from tokenizers import Tokenizer
-
-    from .hf import load_pretrained, quiet_imports, read_config, require
-
-    with quiet_imports():
+    with quiet_imports():  # here, not at the top: transformers' model classes take seconds to import
         from transformers import JanusForConditionalGeneration
 
     folder = Path(folder)
@@ -175,7 +181,7 @@ def load_janus(folder: Path, name: str | None = None, dtype=None, resolution: in
         raise UserError(f"Janus-Pro draws {native}x{native} images only (got --resolution {resolution})")
     tokenizer_path = require(folder / "tokenizer.json")
     model, _ = load_pretrained(JanusForConditionalGeneration, folder, dtype=dtype, device=device, quantize=quantize,
-                               decoder_layers=lambda m: list(m.model.language_model.layers))
+                               decoder_layers=decoder_layers)
     model.model.vqmodel.float()  # small, and its codebook search should not round in bf16
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_path))

@@ -10,9 +10,16 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..errors import UserError
+import torch
 
-DEFAULT_MODEL = "mini"
+from ..backbones import load_backbone
+from ..backbones.families import DEFAULT_MODEL, FAMILIES, PAPER
+from ..errors import UserError
+from ..sampling.coupling import COUPLINGS
+from ..sampling.draw import SAMPLERS
+from ..sampling.processors import SamplingConfig, check_sampling_values
+from ..sampling.sjd import INITS
+
 MODEL_HELP = (f"mini, lumina-mgpt-7b-512|768|1024, janus-pro-1b|7b (from the Hugging Face cache), or a model "
               f"folder (default: {DEFAULT_MODEL})")
 
@@ -49,9 +56,8 @@ def positive_int(text: str) -> int:
 
 
 def family_default(kind: str, field: str) -> str:
-    """'default: the model family's (lumina-mgpt 4.0 (paper), janus-pro 5.0, mini 1.5)' for --help."""
-    from ..backbones.families import FAMILIES, PAPER
-
+    """'default: the model family's: lumina-mgpt X (paper), janus-pro Y, ...' for --help, every value read from
+    the family table (backbones/families.py), so the help cannot drift from what a run uses."""
     values = [f"{name} {getattr(d, kind)[field]}" + (" (paper)" if d is PAPER else "") for name, d in FAMILIES.items()]
     return f"default: the model family's: {', '.join(values)}"
 
@@ -67,8 +73,6 @@ def add_model_flags(p: argparse.ArgumentParser, placement: bool = True) -> None:
 
 def check_device(device: str | None) -> None:
     """--device names a device torch knows and this machine has ("auto" spreads layers over all GPUs)."""
-    import torch
-
     if device is None or device == "auto":
         return
     try:
@@ -80,23 +84,18 @@ def check_device(device: str | None) -> None:
 
 
 def load_model(args, quantize: str = "none"):
-    from ..backbones import load_backbone
-
     check_device(getattr(args, "device", None))
     return load_backbone(args.model or DEFAULT_MODEL, resolution=getattr(args, "resolution", None),
                          device=getattr(args, "device", None), quantize=quantize)
 
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
-    from ..sampling.coupling import COUPLINGS
-    from ..sampling.processors import SamplingConfig
-    from ..sampling.sjd import INITS
+    defaults = SamplingConfig.__dataclass_fields__
+    window, sampler = defaults["sjd_window"].default, defaults["sampler"].default
 
-    window = SamplingConfig.__dataclass_fields__["sjd_window"].default
-
-    p.add_argument("--sampler", choices=("plain", "sjd"), default="plain",
-                   help="sjd: speculative Jacobi decoding, the same distribution in fewer forward passes "
-                        "(default: plain)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=sampler,
+                   help=f"sjd: speculative Jacobi decoding, the same distribution in fewer forward passes "
+                        f"(default: {sampler})")
     p.add_argument("--sjd-window", type=positive_int, metavar="L",
                    help=f"draft tokens per SJD pass (default: {window})")
     p.add_argument("--sjd-init", choices=INITS,
@@ -123,8 +122,6 @@ SAMPLING_FLAGS = {"cfg": "cfg_scale", "top_k": "image_top_k", "top_p": "top_p", 
 
 def sampling_overrides(args) -> dict:
     """The SamplingConfig fields the flags set (only those given), checked before any model loads."""
-    from ..sampling.processors import check_sampling_values
-
     if getattr(args, "sampler", "plain") != "sjd":
         for flag in ("sjd_window", "sjd_init", "sjd_coupling"):
             if getattr(args, flag, None) is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..personalize.demo import make_demo
 from .common import add_sampler_flags, sampling_overrides
 
 
@@ -21,6 +22,4 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..personalize.demo import make_demo
-
     make_demo(args.out, seed=args.seed, overwrite=args.overwrite, **sampling_overrides(args))

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
+from ..eval.dreambench import RunSettings, describe, read_dreambench, run_dreambench
 from .common import (DEFAULT_MODEL, MODEL_HELP, add_sampler_flags, family_default, finite_float, positive_int,
                      sampling_overrides)
 from .score import add_metric_flags
@@ -40,8 +41,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..eval.dreambench import RunSettings, describe, read_dreambench, run_dreambench
-
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     sampling = sampling_overrides(args)
     settings = RunSettings(model=args.model, images_per_prompt=args.images_per_prompt, seed=args.seed,

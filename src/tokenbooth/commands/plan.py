@@ -6,7 +6,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+from ..backbones.families import DEFAULT_MODEL
 from ..errors import UserError
+from ..personalize.config import TrainConfig, check_train_values
+from ..plan import (RunSettings, describe, fitting_settings, parse_size, plan_memory, relative_time,
+                    unavailable_choices)
+from ..plan.blueprints import blueprint
+from ..plan.tracker import ALLOCATOR_RESERVE, fake_run
+from ..sampling import SamplingConfig
 
 GB = 1e9
 
@@ -16,8 +23,9 @@ def add_parser(subparsers) -> None:
                               description="Peak GPU memory of each phase of a run (stage 1, stage 2, sampling with "
                                           "CFG, sampling with SJD), measured on fake tensors; with --gpu-memory, "
                                           "the settings that fit, fastest first.")
-    p.add_argument("--model", default="mini", help="mini, lumina-mgpt-7b-512|768|1024, janus-pro-1b|7b, or a model "
-                                                   "folder with a config.json")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"mini, lumina-mgpt-7b-512|768|1024, janus-pro-1b|7b, or a model folder with a config.json "
+                        f"(default: {DEFAULT_MODEL})")
     p.add_argument("--resolution", type=int, help="image size (Lumina-mGPT: the preset's by default)")
     p.add_argument("--gpu-memory", metavar="SIZE", help="the GPU's memory, e.g. 24GB or 80GiB")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -32,17 +40,14 @@ def add_parser(subparsers) -> None:
     t.add_argument("--quantize", help="frozen base in none, int8 or nf4 (default: none)")
     t.add_argument("--optimizer", help="adamw or adamw8bit (default: adamw)")
     s = p.add_argument_group("sampling (as `tokenbooth generate`)")
-    s.add_argument("-n", "--num-images", type=int, default=4, help="images drawn in one batch")
+    s.add_argument("-n", "--num-images", type=int, default=4,
+                   help="images drawn at once (generate's --batch-size; default: 4)")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale (1.0: no unconditional rows)")
     s.add_argument("--sjd-window", type=int, metavar="L", help="draft tokens per SJD pass")
     p.set_defaults(run=run)
 
 
 def settings_from_args(args, family: str):
-    from ..personalize.recipe import TrainConfig, check_train_values
-    from ..plan import RunSettings
-    from ..sampling import SamplingConfig
-
     given = {k: getattr(args, k) for k in ("stages", "layers", "lora_rank", "lora_every", "batch_size",
                                            "gradient_accumulation_steps", "quantize", "optimizer")
              if getattr(args, k) is not None}
@@ -58,10 +63,6 @@ def settings_from_args(args, family: str):
 
 
 def run(args) -> None:
-    from ..plan import describe, fitting_settings, parse_size, plan_memory, unavailable_choices
-    from ..plan.blueprints import blueprint
-    from ..plan.tracker import ALLOCATOR_RESERVE, fake_run
-
     budget = parse_size(args.gpu_memory) if args.gpu_memory is not None else None
     if budget is not None and budget <= ALLOCATOR_RESERVE:
         raise UserError(f"nothing fits {args.gpu_memory}: the CUDA context and the allocator's slack alone take about "
@@ -95,8 +96,6 @@ def run(args) -> None:
         print(f"not tried, their library is not installed here: {', '.join(missing)} "
               f"(pip install 'tokenbooth[lean]')")
     if fitting:
-        from ..plan import relative_time
-
         fastest = relative_time(fitting[0])
         print(f"training settings that fit {args.gpu_memory}, fastest first (step time relative to the first):")
         for p in fitting:

@@ -5,21 +5,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..eval.score import SIDECAR, parse_metrics, score_folder
+from ..personalize.placeholder import PLACEHOLDER
+
 
 def add_metric_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dino", help="DINO ViT-S/16: a Hugging Face folder, dino_deitsmall16_pretrain.pth, or a Hub id "
                                   "in the local cache (default: facebook/dino-vits16); never downloaded")
     p.add_argument("--clip", help="CLIP ViT-B/32: a Hugging Face folder, OpenAI's ViT-B-32.pt, or a Hub id in the "
                                   "local cache (default: openai/clip-vit-base-patch32); never downloaded")
-    p.add_argument("--placeholder", default="[V]", help="the subject's token in prompts; removed before CLIP-T "
-                                                        "(default: [V])")
+    p.add_argument("--placeholder", default=PLACEHOLDER, help="the subject's token in prompts; removed before "
+                                                              f"CLIP-T (default: {PLACEHOLDER})")
 
 
 def add_parser(subparsers) -> None:
     s = subparsers.add_parser("score", help="DINO, CLIP-I and CLIP-T of a folder of images against reference images",
                               description="DINO, CLIP-I and CLIP-T of a folder of images against reference images. "
                                           "A folder `tokenbooth generate` wrote is scored on the images its "
-                                          "generate.json lists (not grid.png), with its prompt.")
+                                          f"{SIDECAR} lists (not grid.png), with its prompt.")
     s.add_argument("--images", type=Path, required=True, help="folder of generated images")
     s.add_argument("--references", type=Path, required=True, help="folder of the subject's real images")
     s.add_argument("--prompt", help="CLIP-T: the prompt of every image")
@@ -32,8 +35,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..eval.score import parse_metrics, score_folder
-
     score_folder(args.images, args.references, parse_metrics(args.metrics), prompt=args.prompt,
                  prompts_file=args.prompts, dino=args.dino, clip=args.clip, placeholder=args.placeholder,
                  output=args.output)

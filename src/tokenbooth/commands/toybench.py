@@ -1,10 +1,12 @@
-"""`tokenbooth eval toybench`: the paper's Table 1 and its ablations on mini, on a CPU (eval/toybench.py)."""
+"""`tokenbooth eval toybench`: the paper's Table 1 and its ablations on mini, on a CPU (eval/toybench/; what
+it asks and how it scores: docs/toybench/README.md)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from ..eval.toybench import ROWS, SPLITS, ToyBenchConfig, run_toybench
 from .common import add_sampling_flags, finite_float, positive_int, sampling_overrides
 
 # the training settings a tuning run may change (TrainConfig fields; validated with the rest of the config)
@@ -13,8 +15,6 @@ TRAIN_FLAGS = {"stage1_steps": positive_int, "stage1_lr": finite_float, "stage2_
 
 
 def add_parser(subparsers) -> None:
-    from ..eval.toybench import ROWS, SPLITS
-
     t = subparsers.add_parser("toybench", help="the paper's Table 1 on mini: ceiling, floor and ablations",
                               description="The paper's Table 1 and its ablations on mini: reserved toyworld "
                                           "subjects, the two-stage recipe against its ablations, scored with "
@@ -43,8 +43,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..eval.toybench import ToyBenchConfig, run_toybench
-
     train = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     cfg = ToyBenchConfig(model=args.model, split=args.split, subjects=args.subjects, seed=args.seed, train=train,
                          sampling=sampling_overrides(args), dino=args.dino, clip=args.clip, reader=args.reader,

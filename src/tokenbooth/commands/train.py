@@ -10,7 +10,14 @@ import argparse
 import time
 from pathlib import Path
 
+from ..backbones.families import FAMILIES
+from ..backbones.quantize import QUANTIZE
 from ..errors import UserError
+from ..eval.fidelity import fidelity_scorer
+from ..personalize import TrainConfig, load_reference_images, read_run, train
+from ..personalize.config import COMPUTE_DTYPES, STAGE_PLANS, check_train_values
+from ..personalize.lean import OPTIMIZERS
+from ..personalize.sharded import Sharding
 from .common import DEFAULT_MODEL, add_model_flags, family_default, finite_float, load_model
 
 # TrainConfig fields set by a flag of the same name (--stage1-steps -> stage1_steps), and the flag's type
@@ -21,7 +28,7 @@ TRAIN_FLAGS = {
     "batch_size": int, "flip": bool, "seed": int, "checkpointing_steps": int, "prior_preservation": bool,
     "num_class_images": int, "prior_loss_weight": finite_float, "validation_prompts": list,
     "validation_steps": int, "gradient_checkpointing": bool, "gradient_accumulation_steps": int, "quantize": str,
-    "optimizer": str, "compute_dtype": str,
+    "optimizer": str, "compute_dtype": str, "max_grad_norm": finite_float, "weight_decay": finite_float,
 }
 HELP = {
     "placeholder": "the string prompts use for the subject",
@@ -42,14 +49,24 @@ HELP = {
     "optimizer": "adamw, or adamw8bit (both moments in 8 bits)",
     "compute_dtype": "model (the weights' dtype) or bfloat16 (bf16 matrix products over fp32 weights: mini's, "
                      "faster on a CPU with AVX512-BF16)",
+    "max_grad_norm": "clip each step's gradients to this total norm",
+    "weight_decay": "AdamW's weight decay",
 }
 
 
-def add_parser(subparsers) -> None:
-    from ..personalize import TrainConfig
-    from ..personalize.lean import OPTIMIZERS, QUANTIZE
-    from ..personalize.recipe import COMPUTE_DTYPES, STAGE_PLANS
+def default_help(name: str, default) -> str:
+    """What --help says a flag defaults to: the family table's values where it sets this field
+    (backbones/families.py), else TrainConfig's own default."""
+    families = {family: d.train[name] for family, d in FAMILIES.items() if name in d.train}
+    if len(families) == len(FAMILIES):
+        return family_default("train", name)
+    shown = f"default: {default}" if default is not None else ""
+    if families:
+        shown += f" ({', '.join(f'{family}: {value}' for family, value in families.items())})"
+    return shown
 
+
+def add_parser(subparsers) -> None:
     choices = {"stages": list(STAGE_PLANS), "quantize": list(QUANTIZE), "optimizer": list(OPTIMIZERS),
                "compute_dtype": list(COMPUTE_DTYPES)}
 
@@ -66,12 +83,7 @@ def add_parser(subparsers) -> None:
     defaults = {f.name: f.default for f in TrainConfig.__dataclass_fields__.values()}
     for name, kind in TRAIN_FLAGS.items():
         flag = "--" + name.replace("_", "-")
-        if name in ("stage1_steps", "stage1_lr", "stage2_steps", "stage2_lr", "batch_size"):
-            shown = family_default("train", name)
-        elif kind in (bool, list) or defaults[name] is None:
-            shown = ""
-        else:
-            shown = f"default: {defaults[name]}"
+        shown = "" if kind in (bool, list) else default_help(name, defaults[name])
         text = "; ".join(s for s in (HELP.get(name, ""), shown) if s)
         if kind is bool:
             t.add_argument(flag, action="store_true", default=None, help=text)
@@ -84,8 +96,6 @@ def add_parser(subparsers) -> None:
 
 def given_settings(args) -> dict:
     """The TrainConfig fields the flags set, class_name included when --class-name or --no-class-name is given."""
-    from ..personalize.recipe import check_train_values
-
     if args.no_class_name and args.class_name:
         raise UserError("--class-name and --no-class-name contradict each other")
     given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
@@ -99,8 +109,6 @@ def given_settings(args) -> dict:
 
 def resumed_run(out: Path, args, given: dict):
     """(config, source) of the run in `out`; a flag that disagrees with it is refused."""
-    from ..personalize import read_run
-
     cfg, source = read_run(out)
     for name, value in given.items():
         if getattr(cfg, name) != value:
@@ -116,9 +124,6 @@ def resumed_run(out: Path, args, given: dict):
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..personalize import TrainConfig, load_reference_images, train
-    from ..personalize.sharded import Sharding
-
     given = given_settings(args)
     out = args.output if args.resume in (None, "latest") else Path(args.resume)
     resuming = args.resume is not None
@@ -143,7 +148,8 @@ def run(args: argparse.Namespace) -> None:
               "images": str(Path(images_folder).resolve())}
     try:
         train(backbone, images, cfg, out, resume=resuming, source=source,
-              sharding=Sharding.from_environment())  # under `accelerate launch`: one run over the processes
+              sharding=Sharding.from_environment(),  # under `accelerate launch`: one run over the processes
+              fidelity_scorer=fidelity_scorer)  # the validation pictures' fidelity, by the family's DINO-role encoder
     except OSError as e:
         raise UserError(f"could not write to {out}: {e.strerror or e}; the last complete checkpoint is kept") from None
     print(f"adapter written to {out} ({time.time() - t0:.0f}s); try: tokenbooth generate --adapter {out} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..backbones.families import DEFAULT_MODEL
 from ..errors import UserError
 
 DEFAULT_WORKSPACE = Path("tokenbooth-workspace")
@@ -16,14 +17,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve tokenbooth's web app: Personalize (upload 1-10 pictures, train with live progress), "
                     "Generate (draw a trained subject or the base model) and Subjects (the adapters in the "
                     "workspace). Open the printed address in a browser.")
-    p.add_argument("--model", default="mini",
-                   help="the backbone selected by default (default: mini). mini is always offered; published "
-                        "models (lumina-mgpt-7b-512|768|1024, janus-pro-1b|7b) are offered when their files are "
-                        "in the Hugging Face cache; a model folder path is added to the list")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"the backbone selected by default (default: {DEFAULT_MODEL}). mini is always offered; "
+                        "published models (lumina-mgpt-7b-512|768|1024, janus-pro-1b|7b) are offered when their "
+                        "files are in the Hugging Face cache; a model folder path is added to the list")
     p.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE,
                    help=f"folder for subjects (adapter folders: subjects/NAME, also readable by `tokenbooth "
-                        f"generate --adapter`), generated images and zips; created if missing "
-                        f"(default: ./{DEFAULT_WORKSPACE})")
+                        f"generate --adapter`), generated images and zips; created if missing; one server per "
+                        f"workspace (a second refuses) (default: ./{DEFAULT_WORKSPACE})")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens the app to "
                         "your network, without a password)")
@@ -36,6 +37,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
+    # Gradio is an optional extra (tokenbooth[ui]), and the web app imports it at load: both imports wait until
+    # the app is asked for, so `tokenbooth --help` and every other command work without it.
     try:
         import gradio  # noqa: F401
     except ImportError:

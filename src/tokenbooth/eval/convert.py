@@ -16,12 +16,15 @@ stop. Nothing from the file is executed.
 
 from __future__ import annotations
 
+import gzip
+import io
 import pickle
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from ..errors import UserError
 
@@ -62,8 +65,6 @@ _ALLOWED = {
 
 class _WeightsUnpickler(pickle.Unpickler):
     def __init__(self, archive: zipfile.ZipFile, prefix: str, data: bytes):
-        import io
-
         super().__init__(io.BytesIO(data))
         self.archive, self.prefix, self.storages = archive, prefix, {}
 
@@ -126,8 +127,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         if is_torchscript_archive(path):
             return read_torchscript_tensors(path)
@@ -171,7 +170,7 @@ def dino_state_dict(state: dict) -> dict:
 def dino_to_vit(path: Path):
     """DINO's ViT state dict -> transformers' ViTModel (no pooler), the config read off the tensor shapes.
     Names as in transformers' convert_dino_to_pytorch.py, which made facebook/dino-vits16."""
-    from transformers import ViTConfig, ViTModel
+    from transformers import ViTConfig, ViTModel  # here, not at the top: importing transformers takes seconds
 
     state = dino_state_dict(read_state_dict(path))
     _missing(state, ["cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "norm.weight"],
@@ -210,7 +209,7 @@ def dino_to_vit(path: Path):
 def openai_clip_to_hf(path: Path):
     """OpenAI's CLIP (ViT image tower) -> transformers' CLIPModel in fp32, the config read off the shapes.
     Names as in transformers' convert_clip_original_pytorch_to_hf.py, which made openai/clip-vit-base-patch32."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPConfig, CLIPModel  # here, not at the top: importing transformers takes seconds
 
     state = read_state_dict(path)
     _missing(state, ["visual.conv1.weight", "visual.proj", "token_embedding.weight", "text_projection"], path,
@@ -269,9 +268,7 @@ def openai_bpe_tokenizer(bpe_path: Path):
     """transformers' CLIPTokenizer from OpenAI's `bpe_simple_vocab_16e6.txt.gz`, with the vocabulary built the
     way OpenAI's SimpleTokenizer builds it: 256 byte symbols, the same with '</w>', one entry per merge, then
     <|startoftext|> and <|endoftext|>."""
-    import gzip
-
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # here, not at the top: importing transformers takes seconds
 
     lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1: 49152 - 256 - 2 + 1] if line.strip()]  # OpenAI's slice

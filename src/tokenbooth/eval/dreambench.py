@@ -32,11 +32,26 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import torch
+from accelerate import PartialState
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from .. import __version__, backbones
 from ..errors import UserError
-from ..images import list_images
+from ..images import labeled_rows, list_images
 from ..io import atomic_save_image, atomic_write_json, check_can_create
+from ..personalize import TrainConfig, check_class_name, load_adapter, load_reference_images, train
+from ..personalize.adapter import CONFIG as ADAPTER_CONFIG
+from ..personalize.checks import check_training_fits
+from ..personalize.config import check_train_values
+from ..personalize.placeholder import PLACEHOLDER, remove_placeholder
+from ..personalize.run_folder import latest_checkpoint
+from ..sampling import SamplingConfig, check_sampler, draw
+from ..sampling.processors import check_sampling_values
 from . import metrics
-from .tables import write_table
+from .run_file import check_run_settings
+from .tables import markdown_table, write_table
 
 PROMPTS_FILE = "prompts_and_classes.txt"
 LIVE_CLASSES = {"dog", "cat"}  # DreamBench's live subjects get the "Live Subject Prompts"
@@ -153,7 +168,7 @@ def read_text(path: Path) -> str:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
 
 
-def describe(bench: DreamBench, placeholder: str = "[V]") -> str:
+def describe(bench: DreamBench, placeholder: str = PLACEHOLDER) -> str:
     """What a run on `bench` would do: subjects with their class and image count, then the prompts."""
     lines = [f"{len(bench.subjects)} subject(s):"]
     lines += [f"  {s.name}: class {s.class_name}, {len(s.images)} image(s), "
@@ -165,8 +180,6 @@ def describe(bench: DreamBench, placeholder: str = "[V]") -> str:
 
 
 def check_images(paths: list[Path]) -> None:
-    from PIL import Image, UnidentifiedImageError
-
     for path in paths:
         try:
             with Image.open(path) as im:
@@ -187,7 +200,7 @@ class RunSettings:
     seed: int = 0  # prompt i is drawn with seed + i
     cfg: float | None = None
     top_k: int | None = None
-    placeholder: str = "[V]"  # DreamBench's unique_token
+    placeholder: str = PLACEHOLDER  # DreamBench's unique_token
     stage1_steps: int | None = None
     stage2_steps: int | None = None
     batch_size: int | None = None
@@ -198,9 +211,6 @@ class RunSettings:
 
     def validate(self) -> None:
         """Refuses what no backbone could use, before any model loads."""
-        from ..personalize.recipe import check_train_values
-        from ..sampling.processors import check_sampling_values
-
         if self.images_per_prompt < 1:
             raise UserError(f"--images-per-prompt must be >= 1 (got {self.images_per_prompt})")
         check_sampling_values({"cfg_scale": self.cfg, "image_top_k": self.top_k})
@@ -208,18 +218,14 @@ class RunSettings:
                             "stage2_steps": self.stage2_steps, "batch_size": self.batch_size})
 
 
-def sampling_config(settings: RunSettings, family: str, prompt_index: int = 0):
-    from ..sampling import SamplingConfig
-
+def sampling_config(settings: RunSettings, family: str, prompt_index: int = 0) -> SamplingConfig:
     given = {"cfg_scale": settings.cfg, "image_top_k": settings.top_k, "sjd_window": settings.sjd_window,
              "sjd_init": settings.sjd_init, "sjd_coupling": settings.sjd_coupling}
     return SamplingConfig.for_family(family, seed=settings.seed + prompt_index, sampler=settings.sampler,
                                      **{k: v for k, v in given.items() if v is not None})
 
 
-def train_config(settings: RunSettings, family: str, class_name: str):
-    from ..personalize import TrainConfig
-
+def train_config(settings: RunSettings, family: str, class_name: str) -> TrainConfig:
     given = {name: getattr(settings, name) for name in ("stage1_steps", "stage2_steps", "batch_size")}
     cfg = TrainConfig.for_family(family, class_name=class_name, placeholder=settings.placeholder, seed=settings.seed,
                                  **{k: v for k, v in given.items() if v is not None})
@@ -228,21 +234,8 @@ def train_config(settings: RunSettings, family: str, class_name: str):
 
 
 def check_settings(out: Path, settings: RunSettings, is_main: bool) -> None:
-    path = out / "run.json"
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())["settings"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise UserError(f"cannot read {path}: {e}") from None
-        changed = [k for k, v in asdict(settings).items() if saved.get(k) != v]
-        if changed:
-            k = changed[0]
-            raise UserError(f"{out} holds a run with other settings ({k}: {saved.get(k)!r} there, "
-                            f"{getattr(settings, k)!r} now); use the same settings to resume or another --output")
-    elif is_main:
-        from .. import __version__
-
-        atomic_write_json(path, {"tokenbooth_version": __version__, "settings": asdict(settings)})
+    """A restart must use the settings the run in `out` started with; the main process records a new run's."""
+    check_run_settings(out, asdict(settings), "DreamBench", write=is_main, stamp={"tokenbooth_version": __version__})
 
 
 def subject_folder(out: Path, name: str) -> Path:
@@ -256,10 +249,6 @@ def finished(out: Path, name: str) -> bool:
 def run_dreambench(settings: RunSettings, data: Path, output: Path, subjects: list[str] | None = None,
                    protocol: str = "paper", dino: str | None = None, clip: str | None = None) -> None:
     """Every subject of the dataset at `data` (or the named ones): personalize, draw, score; tables in `output`."""
-    import torch
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
-
     # cpu: without a GPU, processes started by `accelerate launch --multi_gpu` or torchrun share the work over
     # gloo (accelerate's own --cpu launches a single process unless MPI is set up). The timeout: shards can
     # finish hours apart, and the final wait must not give up after the default 30 minutes.
@@ -295,12 +284,7 @@ def run_dreambench(settings: RunSettings, data: Path, output: Path, subjects: li
 
 def check_backbone(settings: RunSettings, bench: DreamBench) -> None:
     """Before hours of work: every class word tokenizes, and the settings make a valid recipe and sampler."""
-    from ..backbones import load_backbone
-    from ..personalize import check_class_name
-    from ..personalize.recipe import check_training_fits
-    from ..sampling import check_sampler
-
-    backbone = load_backbone(settings.model)
+    backbone = backbones.load_backbone(settings.model)
     sampling = sampling_config(settings, backbone.family)
     sampling.validate()
     check_sampler(sampling, backbone.layout.body_length)
@@ -314,30 +298,46 @@ def run_subject(bench: DreamBench, subject: Subject, settings: RunSettings, scor
                 rank: int = 0) -> dict:
     """Personalize, draw every prompt, score; scores.json last. Whatever an earlier attempt finished (the
     adapter, drawn images) is reused."""
-    from tqdm.auto import tqdm
-
-    from ..backbones import load_backbone
-    from ..images import labeled_rows
-    from ..personalize import load_adapter, load_reference_images, train
-    from ..personalize.recipe import latest_checkpoint
-    from ..sampling import draw
-
     adapter = folder / "adapter"
     t0 = time.time()
-    if not (adapter / "adapter_config.json").is_file():
-        backbone = load_backbone(settings.model)
-        cfg = train_config(settings, backbone.family, subject.class_name)
-        images = load_reference_images(subject.folder, backbone.resolution)
-        train(backbone, images, cfg, adapter, resume=latest_checkpoint(adapter) is not None)
-        del backbone  # training changed it in memory; drawing uses the base plus the saved adapter
+    personalize_subject(subject, settings, adapter)
     train_seconds = time.time() - t0
 
     t0 = time.time()
-    personalized = load_adapter(load_backbone(settings.model), adapter)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
+    personalized = load_adapter(backbones.load_backbone(settings.model), adapter)
     prompts = bench.prompts(subject, settings.placeholder)
-    drawn = []  # (file, prompt, image)
-    for i, prompt in enumerate(tqdm(prompts, desc=subject.name, unit="prompt", leave=False)):
+    drawn = draw_prompts(personalized, prompts, settings, folder, subject.name)
+    generate_seconds = time.time() - t0
+
+    references = metrics.read_images(subject.images)
+    scores = score_drawn(scorer, drawn, references, settings.placeholder, folder)
+    for row, path in zip(scores["real"], subject.images):
+        row["file"] = path.name
+    write_grid(references, drawn, prompts, folder / "grid.png")
+    record = {"subject": subject.name, "class": subject.class_name, "live": subject.live,
+              "references": len(references), **scores, "train_seconds": round(train_seconds, 1),
+              "generate_seconds": round(generate_seconds, 1), "process_index": rank}
+    atomic_write_json(folder / "scores.json", record)
+    return record
+
+
+def personalize_subject(subject: Subject, settings: RunSettings, adapter: Path) -> None:
+    """The subject's adapter, trained (or resumed from its last checkpoint) unless already whole."""
+    if (adapter / ADAPTER_CONFIG).is_file():
+        return
+    backbone = backbones.load_backbone(settings.model)
+    cfg = train_config(settings, backbone.family, subject.class_name)
+    images = load_reference_images(subject.folder, backbone.resolution)
+    train(backbone, images, cfg, adapter, resume=latest_checkpoint(adapter) is not None)
+    del backbone  # training changed it in memory; drawing uses the base plus the saved adapter
+
+
+def draw_prompts(personalized, prompts: list[str], settings: RunSettings, folder: Path, name: str) -> list[tuple]:
+    """[(file, prompt, image)], images_per_prompt per prompt; a prompt whose images are all on disk is not
+    drawn again."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    drawn = []
+    for i, prompt in enumerate(tqdm(prompts, desc=name, unit="prompt", leave=False)):
         files = [folder / "images" / f"{i:02d}-{k}.png" for k in range(settings.images_per_prompt)]
         if all(f.is_file() for f in files):
             images = metrics.read_images(files)
@@ -346,31 +346,28 @@ def run_subject(bench: DreamBench, subject: Subject, settings: RunSettings, scor
             for f, image in zip(files, images):
                 atomic_save_image(image, f)
         drawn += [(f, prompt, image) for f, image in zip(files, images)]
-    generate_seconds = time.time() - t0
+    return drawn
 
-    references = metrics.read_images(subject.images)
-    texts = [metrics.remove_placeholder(p, settings.placeholder) for _, p, _ in drawn]
+
+def score_drawn(scorer: metrics.Scorer, drawn: list[tuple], references: list, placeholder: str, folder: Path) -> dict:
+    """Scorer.score's {"images", "real"}, each drawn image's row naming its file, prompt and CLIP-T text."""
+    texts = [remove_placeholder(p, placeholder) for _, p, _ in drawn]
     scores = scorer.score([im for _, _, im in drawn], references, texts)
     for row, (file, prompt, _), text in zip(scores["images"], drawn, texts):
         row.update(file=str(file.relative_to(folder)), prompt=prompt, clip_t_text=text)
-    for row, path in zip(scores["real"], subject.images):
-        row["file"] = path.name
+    return scores
 
-    side = min(128, drawn[0][2].width)  # grid cells: the drawn size, at most 128 px
+
+def write_grid(references: list, drawn: list[tuple], prompts: list[str], path: Path) -> None:
+    """The references, then one row per prompt; cells at the drawn size, at most 128 px."""
+    side = min(128, drawn[0][2].width)
     rows = [("references", [_cell(im, side) for im in references])]
     rows += [(p[:40], [_cell(im, side) for _, q, im in drawn if q == p]) for p in prompts]
-    atomic_save_image(labeled_rows(rows), folder / "grid.png")
-    record = {"subject": subject.name, "class": subject.class_name, "live": subject.live,
-              "references": len(references), **scores, "train_seconds": round(train_seconds, 1),
-              "generate_seconds": round(generate_seconds, 1), "process_index": rank}
-    atomic_write_json(folder / "scores.json", record)
-    return record
+    atomic_save_image(labeled_rows(rows), path)
 
 
 def _cell(image, side: int):
     """A square grid cell: the center square, resized to `side`."""
-    from PIL import Image
-
     square = metrics.center_crop(image, min(image.size))
     return square if square.size == (side, side) else square.resize((side, side), Image.BICUBIC)
 
@@ -402,8 +399,6 @@ def write_results(out: Path, names: list[str], settings: RunSettings, protocol: 
     write_table(out, "per_subject", per_subject, PER_SUBJECT_COLUMNS, "DreamBench, per subject", meta)
     title = f"DreamBench ({protocol} aggregation; CLIP-T with the placeholder removed from the prompt)"
     write_table(out, "overall", overall, OVERALL_COLUMNS, title, meta)
-    from .tables import markdown_table
-
     print(markdown_table(overall, OVERALL_COLUMNS), end="")
     if meta["missing_subjects"]:
         print(f"not yet run: {', '.join(meta['missing_subjects'])}")

@@ -32,6 +32,9 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import UserError, warn
 from ..images import to_rgb
 from ..io import read_json_object
+from ..personalize.placeholder import remove_placeholder  # noqa: F401 (CLIP-T's text; the name tests and callers know)
+from . import stats
+from .convert import dino_to_vit, openai_bpe_tokenizer, openai_clip_to_hf
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -77,11 +80,6 @@ def dino_pixels(image: Image.Image, crop: int = 224) -> torch.Tensor:
 
 def clip_pixels(image: Image.Image, crop: int = 224) -> torch.Tensor:
     return normalize(center_crop(resize_short_side(image.convert("RGB"), crop), crop), CLIP_MEAN, CLIP_STD)
-
-
-def remove_placeholder(prompt: str, placeholder: str) -> str:
-    """CLIP-T's text: "a [V] dog on the beach" -> "a dog on the beach"."""
-    return " ".join(prompt.replace(placeholder, " ").split()) if placeholder else prompt
 
 
 # --- encoders -----------------------------------------------------------------------------------------
@@ -166,7 +164,7 @@ def _from_cache(cls, hub_id: str, missing: str, **kw):
 
 def load_dino(value: str | None = None, device="cpu") -> DinoEncoder:
     """--dino: a Hugging Face ViT folder, a Hub id in the local cache, or DINO's original .pth file."""
-    from transformers import ViTModel
+    from transformers import ViTModel  # here, not at the top: importing transformers takes seconds
 
     download = (f"Download DINO ViT-S/16 with `hf download {DINO_HUB_ID} --local-dir weights/dino-vits16` and pass "
                 f"--dino weights/dino-vits16, or get {DINO_FILE_URL} and pass "
@@ -182,8 +180,6 @@ def load_dino(value: str | None = None, device="cpu") -> DinoEncoder:
                             f"(model_type vit, e.g. {DINO_HUB_ID})")
         model = ViTModel.from_pretrained(path, add_pooling_layer=False, dtype=torch.float32)
     else:
-        from .convert import dino_to_vit
-
         model = dino_to_vit(path)
     _warn_if_not(model.config.hidden_size == 384 and model.config.patch_size == 16, "DINO", "ViT-S/16", source)
     return DinoEncoder(model, source, device)
@@ -192,7 +188,7 @@ def load_dino(value: str | None = None, device="cpu") -> DinoEncoder:
 def load_clip(value: str | None = None, device="cpu") -> ClipEncoder:
     """--clip: a Hugging Face CLIP folder, a Hub id in the local cache, or OpenAI's original .pt file (with
     bpe_simple_vocab_16e6.txt.gz beside it for CLIP-T)."""
-    from transformers import CLIPModel, CLIPTokenizer
+    from transformers import CLIPModel, CLIPTokenizer  # here, not at the top: importing transformers takes seconds
 
     download = (f"Download CLIP ViT-B/32 with `hf download {CLIP_HUB_ID} --local-dir weights/clip-vit-base-patch32` "
                 f"and pass --clip weights/clip-vit-base-patch32, or get {CLIP_FILE_URL} and pass --clip "
@@ -211,8 +207,6 @@ def load_clip(value: str | None = None, device="cpu") -> ClipEncoder:
         model = CLIPModel.from_pretrained(path, dtype=torch.float32)
         tokenizer = _tokenizer_in(path)
     else:
-        from .convert import openai_clip_to_hf
-
         model = openai_clip_to_hf(path)
         tokenizer = _tokenizer_in(path.parent)
     if tokenizer is not None and len(tokenizer) != model.config.text_config.vocab_size:
@@ -224,11 +218,9 @@ def load_clip(value: str | None = None, device="cpu") -> ClipEncoder:
 
 
 def _tokenizer_in(folder: Path):
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # here, not at the top: importing transformers takes seconds
 
     if (folder / CLIP_BPE).is_file():
-        from .convert import openai_bpe_tokenizer
-
         return openai_bpe_tokenizer(folder / CLIP_BPE)
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
         return CLIPTokenizer.from_pretrained(folder)
@@ -317,10 +309,10 @@ def aggregate(subjects: list[dict], protocol: str = "paper") -> dict:
                                                                          ("real_clip_i", "real", "clip_i")]:
         per_subject, pairs, weighted = [], 0, 0.0
         for s in subjects:
-            values = [r[metric] for r in s.get(rows_key, []) if r.get(metric) is not None]
+            values = stats.measured(s.get(rows_key, []), metric)
             if not values:
                 continue
-            per_subject.append(sum(values) / len(values))
+            per_subject.append(values)
             # pairs each row's mean stands for: its references (the others, for a reference); one prompt for CLIP-T
             n = 1 if metric == "clip_t" else s["references"] - (1 if rows_key == "real" else 0)
             pairs += n * len(values)
@@ -328,12 +320,8 @@ def aggregate(subjects: list[dict], protocol: str = "paper") -> dict:
         if not per_subject:
             out[key] = None
         elif protocol == "paper":
-            out[key] = sum(per_subject) / len(per_subject)
+            out[key] = stats.bench_mean(per_subject)  # toy-bench's aggregation, the same code
         else:
             out[key] = weighted / pairs
     return out
 
-
-def subject_means(scores: dict) -> dict:
-    """One subject's row: the mean of each metric over its images, and over its references for the real row."""
-    return aggregate([scores], "paper")

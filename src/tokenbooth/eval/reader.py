@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import assets
 from ..errors import UserError
 from ..io import atomic_path
 from ..toyworld.world import ACCESSORIES, BACKGROUNDS, CLASSES, COLORS, PATTERNS, POSITIONS, SIZES, Scene
@@ -95,8 +97,6 @@ class AttributeReader(nn.Module):
 
 
 def to_pixels(images, resolution: int = RESOLUTION) -> torch.Tensor:
-    from PIL import Image
-
     arrays = [np.asarray(im.convert("RGB").resize((resolution, resolution), Image.BOX)
                          if im.size != (resolution, resolution) else im.convert("RGB")) for im in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -115,9 +115,7 @@ def save_reader(model: AttributeReader, folder: Path, report: dict | None = None
 
 
 def load_reader(folder: Path | None = None) -> AttributeReader:
-    from ..assets import READER_DIR
-
-    folder = Path(folder or READER_DIR)
+    folder = Path(folder or assets.READER_DIR)
     if not (folder / "reader.safetensors").exists():
         raise UserError(f"no attribute reader in {folder} (make one with: python -m tokenbooth.pretrain.reader)")
     config = json.loads((folder / "reader.json").read_text())

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..errors import UserError, warn
 from ..images import list_images
 from ..io import atomic_write_json, check_can_create, read_json_object
+from ..personalize.placeholder import PLACEHOLDER, remove_placeholder
 from . import metrics
 from .tables import markdown_table
 
@@ -79,7 +80,7 @@ def read_prompts_file(path: Path, files: list[Path]) -> list[str]:
 
 def score_folder(images: Path, references: Path, wanted: set[str], prompt: str | None = None,
                  prompts_file: Path | None = None, dino: str | None = None, clip: str | None = None,
-                 placeholder: str = "[V]", output: Path | None = None) -> list[dict]:
+                 placeholder: str = PLACEHOLDER, output: Path | None = None) -> list[dict]:
     """Scores the images of one folder against the references of another, prints the summary table and
     (optionally) writes every number to `output`; returns the table. Every input is checked before an
     encoder loads."""
@@ -94,7 +95,7 @@ def score_folder(images: Path, references: Path, wanted: set[str], prompt: str |
     if clip_encoder is not None and prompts is not None:
         clip_encoder.require_tokenizer()
     scorer = metrics.Scorer(dino_encoder, clip_encoder, clip_i="clip_i" in wanted)
-    texts = [metrics.remove_placeholder(p, placeholder) for p in prompts] if prompts else None
+    texts = [remove_placeholder(p, placeholder) for p in prompts] if prompts else None
     if "clip_t" in wanted and prompts is None:
         warn("no prompts (--prompt, --prompts or a generate.json beside the images): CLIP-T skipped")
     scores = scorer.score(pictures, refs, texts)

@@ -19,10 +19,13 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import UserError, warn
-from ..io import read_json_object
+from ..io import atomic_path, atomic_write_json, read_json_object
+from ..sampling.processors import DISTRIBUTION, check_sampling_values
 
 CONFIG = "adapter_config.json"
 EMBEDS = "learned_embeds.safetensors"
@@ -74,10 +77,6 @@ class PersonalizedBackbone:
 def save_adapter(out: Path, config: dict, embedding: torch.Tensor, layer_tensors: dict | None,
                  lora: tuple | None) -> None:
     """lora: (peft LoraConfig, {parameter name: tensor}) or None."""
-    from safetensors.torch import save_file
-
-    from ..io import atomic_path, atomic_write_json
-
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / EMBEDS) as tmp:
         save_file({config["placeholder"]: embedding.detach().float().contiguous().cpu()}, str(tmp))
@@ -134,8 +133,6 @@ def placeholder_rows(cfg: dict, path: Path | None = None) -> list[tuple[str, int
 
 def recorded_sampling(cfg: dict, path: Path | None = None) -> dict:
     """The sampling settings an adapter was trained and validated with ({} for an adapter that predates them)."""
-    from ..sampling.processors import DISTRIBUTION, check_sampling_values
-
     sampling = cfg.get("sampling") or {}
     if not isinstance(sampling, dict) or set(sampling) - set(DISTRIBUTION):
         raise UserError(f"{path or CONFIG}: 'sampling' must map {', '.join(DISTRIBUTION)} to numbers")
@@ -182,9 +179,6 @@ def load_adapter(backbone, folder: Path) -> PersonalizedBackbone:
 
 def _read_weights(folder: Path) -> tuple[dict, dict, dict, dict]:
     """(embeddings, full layer tensors, LoRA tensors, LoRA config) as the files hold them."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         embeds = load_file(str(folder / EMBEDS))
         layers = load_file(str(folder / LAYERS)) if (folder / LAYERS).exists() else {}

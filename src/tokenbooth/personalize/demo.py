@@ -7,12 +7,21 @@ accessory, DreamBench's three kinds of prompts.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
+from ..backbones import load_backbone
 from ..errors import UserError
 from ..images import labeled_rows
 from ..io import atomic_save_image, atomic_write_json, check_can_create
+from ..sampling import SamplingConfig, check_sampler, draw
+from ..toyworld import demo_subject
+from . import run_folder
+from .adapter import load_adapter
+from .config import TrainConfig
+from .data import load_reference_images
+from .recipe import train
 
 MODEL = "mini"
 IMAGES_PER_ROW = 5
@@ -29,13 +38,6 @@ PROMPTS = (
 def make_demo(out: Path, seed: int = 0, overwrite: bool = False, **sampling) -> Path:
     """Personalizes mini on the bundled robot into OUT/adapter and draws OUT/demo.png; returns the grid's path.
     sampling: SamplingConfig fields over mini's defaults (backbones/families.py), e.g. sampler="sjd"."""
-    from ..backbones import load_backbone
-    from ..sampling import SamplingConfig, check_sampler, draw
-    from ..toyworld import demo_subject
-    from .adapter import load_adapter
-    from .data import load_reference_images
-    from .recipe import TrainConfig, train
-
     out = Path(out)
     adapter_dir, grid_path = out / "adapter", out / "demo.png"
     if (adapter_dir.exists() or grid_path.exists()) and not overwrite:
@@ -49,8 +51,6 @@ def make_demo(out: Path, seed: int = 0, overwrite: bool = False, **sampling) -> 
     references = load_reference_images(demo_subject.FOLDER, base.resolution)
     cfg = TrainConfig.for_family(base.family, class_name=demo_subject.CLASS_NAME, seed=seed)
     if overwrite:
-        import shutil
-
         shutil.rmtree(adapter_dir, ignore_errors=True)
     print(f"1/2 personalizing mini on {len(references)} pictures of a robot it has never seen "
           f"({cfg.stage1_steps} + {cfg.stage2_steps} steps)")
@@ -71,5 +71,5 @@ def make_demo(out: Path, seed: int = 0, overwrite: bool = False, **sampling) -> 
         "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t0, 1),
     })
     print(f"done in {time.time() - t0:.0f}s: grid {grid_path}, adapter {adapter_dir}, "
-          f"loss curve {adapter_dir / 'loss.png'}")
+          f"loss curve {adapter_dir / run_folder.LOSS_PLOT}")
     return grid_path

@@ -27,6 +27,9 @@ import torch
 
 from ..errors import UserError
 
+# accelerate and torch.distributed's submodules are imported in the functions that use them: torch.distributed.tensor
+# alone takes seconds to import, and most runs are not sharded (the first call pays, once).
+
 GLOO_SETTLE_SECONDS = 0.2  # per barrier at exit; see Sharding._close
 
 
@@ -125,7 +128,7 @@ def like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def clip_gradients(params: list, max_norm: float = 1.0) -> None:
+def clip_gradients(params: list, max_norm: float) -> None:
     """torch's clip_grad_norm_, for gradients some of which are sharded (their norms are all-reduced)."""
     from torch.distributed.tensor import DTensor
 

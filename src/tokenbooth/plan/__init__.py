@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field, replace
 
 from ..errors import UserError
+from ..personalize import lean
+from .blueprints import blueprint, num_layers
 from .phases import RunSettings, quantize_base, sampling_phase, train_phase
 from .tracker import ALLOCATOR_RESERVE, fake_run
 
@@ -69,8 +71,6 @@ def measure(model: str, phase: str, settings: RunSettings, resolution: int | Non
             layers: int | None = None, overrides: dict | None = None) -> PhasePlan:
     """One phase on fake tensors: its peak live bytes (the weights included), by region too, and a training
     step's FLOPs."""
-    from .blueprints import blueprint
-
     settings = copy.deepcopy(settings)  # the recipe's pieces may adjust configs; plans stay independent
     with fake_run() as live:
         backbone = blueprint(model, resolution=resolution, layers=layers, overrides=overrides)
@@ -92,8 +92,6 @@ def estimate(model: str, phase: str, settings: RunSettings, resolution: int | No
     phase (tracker.LiveBytes.peaks: the VQ encoder or decoder, the forward pass, the backward pass at the head
     and at the first and last layers, the optimizer step) is extrapolated on its own and the largest taken:
     the one that dominates 2 layers need not dominate 32."""
-    from .blueprints import num_layers
-
     t = settings.train
     scale = 1.0
     if phase not in SAMPLING_PHASES and t.gradient_accumulation_steps > 2:
@@ -185,9 +183,7 @@ def candidates(settings: RunSettings) -> list[RunSettings]:
 
 def unavailable_choices() -> list[str]:
     """The lean choices whose library cannot be imported here, as flags ("--optimizer adamw8bit")."""
-    from ..personalize.lean import LIBRARY, can_import
-
-    return [f"--{axis} {value}" for (axis, value), module in LIBRARY.items() if not can_import(module)]
+    return [f"--{axis} {value}" for (axis, value), module in lean.LIBRARY.items() if not lean.can_import(module)]
 
 
 def _key(s: RunSettings) -> tuple:

@@ -12,15 +12,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
 from ..assets import CONFIGS_DIR
+from ..backbones import BUILTIN, chameleon, janus
 from ..errors import UserError
+from ..quiet import quiet_imports
+from ..vq import VQGAN, VQGANConfig
 
 
 def known_models() -> dict[str, Path]:
-    """Names `tokenbooth plan --model` takes: the five published models and mini."""
-    from ..assets import MINI_DIR
-
-    return {"mini": MINI_DIR / "config.json", **{p.stem: p for p in sorted(CONFIGS_DIR.glob("*.json"))}}
+    """Names `tokenbooth plan --model` takes: the five published models and the bundled ones (mini)."""
+    bundled = {name: folder / "config.json" for name, folder in BUILTIN.items()}
+    return {**bundled, **{p.stem: p for p in sorted(CONFIGS_DIR.glob("*.json"))}}
 
 
 def num_layers(name: str) -> int:
@@ -36,7 +41,7 @@ def blueprint(name: str, resolution: int | None = None, layers: int | None = Non
     validation benchmark's 2-layer Lumina-mGPT); overrides: config entries to change (nested dicts merge)."""
     models = known_models()
     if name in models:
-        config_path, folder = models[name], (models[name].parent if name == "mini" else None)
+        config_path, folder = models[name], (models[name].parent if name in BUILTIN else None)
     else:
         folder = Path(name).expanduser()
         config_path = folder / "config.json"
@@ -67,8 +72,6 @@ def _merged(config: dict, overrides: dict) -> dict:
 
 def _build(cls, config_class, config: dict):
     """The transformers model, built in the checkpoint's dtype as from_pretrained would load it."""
-    import torch
-
     cfg = config_class.from_dict(config)
     cfg._attn_implementation = "sdpa"  # what backbones/hf.py loads with
     dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"))
@@ -81,60 +84,50 @@ def _build(cls, config_class, config: dict):
 
 
 def _word_tokenizer(vocab: list[str]):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token=vocab[0]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return tok
 
 
 def _chameleon(name: str, config: dict, folder: Path | None, resolution: int | None):
-    from ..backbones.hf import quiet_imports
-
-    with quiet_imports():
+    with quiet_imports():  # here, not at the top: the model classes take seconds to import, `--help` none
         from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
-    from ..backbones.chameleon import (IMAGE_END, IMAGE_START, PRESETS, ROW_END, TURN_END, ChameleonBackbone,
-                                       ChameleonSpec, image_token_name, size_token)
-    from ..vq import VQGAN, VQGANConfig
-
     if folder is not None and (folder / "tokenizer.json").is_file():  # mini, or a folder of tokenbooth's
-        from tokenizers import Tokenizer
-
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         vq_json = folder / "vqgan" / "vqgan.json"
         vq_config = VQGANConfig.from_dict(json.loads(vq_json.read_text())) if vq_json.is_file() else VQGANConfig()
-        spec = ChameleonSpec.read(folder) if (folder / "tokenbooth.json").is_file() else ChameleonSpec()
+        has_spec = (folder / "tokenbooth.json").is_file()
+        spec = chameleon.ChameleonSpec.read(folder) if has_spec else chameleon.ChameleonSpec()
     else:  # Lumina-mGPT: Meta's VQGAN (VQGANConfig's defaults), the vocabulary's order
         vq_config = VQGANConfig()
-        vocab = (["<s>", "<pad>", "</s>", "<unk>"] + [image_token_name(c) for c in range(vq_config.n_embed)]
-                 + [IMAGE_END, IMAGE_START, TURN_END, ROW_END] + [size_token(n) for n in range(1, 65)]
+        vocab = (["<s>", "<pad>", "</s>", "<unk>"]
+                 + [chameleon.image_token_name(c) for c in range(vq_config.n_embed)]
+                 + [chameleon.IMAGE_END, chameleon.IMAGE_START, chameleon.TURN_END, chameleon.ROW_END]
+                 + [chameleon.size_token(n) for n in range(1, 65)]
                  + [f"<reserved{n:05d}>" for n in range(32)])
         tokenizer = _word_tokenizer(vocab)
-        spec = ChameleonSpec(resolution=PRESETS.get(name, (None, 768))[1], size_unit=32, family="lumina-mgpt")
+        spec = chameleon.ChameleonSpec(resolution=chameleon.PRESETS.get(name, (None, 768))[1], size_unit=32,
+                                       family="lumina-mgpt")
     if resolution is not None:
         spec.resolution = resolution
     model = _build(ChameleonForConditionalGeneration, ChameleonConfig,
                    {**config, "vocabulary_map": tokenizer.get_vocab()})
-    return ChameleonBackbone(name, model, tokenizer, VQGAN(vq_config).eval(), spec)
+    return chameleon.ChameleonBackbone(name, model, tokenizer, VQGAN(vq_config).eval(), spec)
 
 
 def _janus(name: str, config: dict, resolution: int | None):
-    from ..backbones.hf import quiet_imports
-
-    with quiet_imports():
+    with quiet_imports():  # start-up time, as in _chameleon
         from transformers import JanusConfig, JanusForConditionalGeneration
-
-    from ..backbones.janus import BOS, IMAGE_END, IMAGE_START, PAD, JanusBackbone
 
     native = config.get("vision_config", {}).get("image_size", 384)
     if resolution is not None and resolution != native:
         raise UserError(f"Janus-Pro draws {native}x{native} images only (got --resolution {resolution})")
     model = _build(JanusForConditionalGeneration, JanusConfig, config)
     model.model.vqmodel.float()  # as load_janus keeps it
-    tokenizer = _word_tokenizer(["<unk>", BOS, PAD, IMAGE_START, IMAGE_END])
+    tokenizer = _word_tokenizer(["<unk>", janus.BOS, janus.PAD, janus.IMAGE_START, janus.IMAGE_END])
     text = model.config.text_config
-    special = {"bos": tokenizer.token_to_id(BOS), "pad": tokenizer.token_to_id(PAD),
-               "boi": tokenizer.token_to_id(IMAGE_START)}
+    special = {"bos": tokenizer.token_to_id(janus.BOS), "pad": tokenizer.token_to_id(janus.PAD),
+               "boi": tokenizer.token_to_id(janus.IMAGE_START)}
     text.bos_token_id = special["bos"]
-    return JanusBackbone(name, model, tokenizer, None, special)
+    return janus.JanusBackbone(name, model, tokenizer, None, special)

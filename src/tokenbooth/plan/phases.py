@@ -17,15 +17,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
-from ..personalize.lean import decoder_layers, make_optimizer, quantize_layers
+from ..backbones.quantize import quantize_layers
+from ..personalize.lean import make_optimizer
+from ..personalize.placeholder import PLACEHOLDER
 from ..personalize.recipe import (Placeholder, TrainConfig, _autocast_for, enable_gradient_checkpointing, encode_each,
                                   prepare_layers, stage_params, train_layers, train_step)
 from ..sampling import SamplingConfig
 from ..sampling.draw import decode_each
-from .tracker import follow_layers, region, set_region
+from .tracker import follow_layers, outside_fake, region, set_region
 
-PROMPT = "a photo of [V] dog on the beach"  # the length of a typical prompt; planning needs no more of it
+PROMPT = f"a photo of {PLACEHOLDER} dog on the beach"  # the length of a typical prompt; planning needs no more of it
 REFERENCES = 4  # reference images encoded in stage 1's setup (DreamBench has 4-6 per subject)
 
 
@@ -35,13 +38,13 @@ class RunSettings:
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig.for_family("lumina-mgpt", class_name="dog"))
     sample: SamplingConfig = field(default_factory=lambda: SamplingConfig.for_family("lumina-mgpt"))
-    num_images: int = 4  # images drawn together by `generate` (its -n)
+    num_images: int = 4  # images drawn together by `generate` (its --batch-size)
 
 
 def quantize_base(backbone, settings: RunSettings, fake: bool = False) -> None:
     """What loading with --quantize does: the decoder layers' weights in 4 or 8 bits (on the CPU, before
     the model moves to the GPU: not part of any phase's peak)."""
-    quantize_layers(decoder_layers(backbone), settings.train.quantize, copy_layouts=fake)
+    quantize_layers(backbone.decoder_layers(), settings.train.quantize, copy_layouts=fake)
 
 
 def training_batch(backbone, placeholder: Placeholder, cfg: TrainConfig):
@@ -68,7 +71,7 @@ def train_phase(backbone, stage: str, settings: RunSettings) -> None:
         enable_gradient_checkpointing(backbone)
     trainable = [placeholder.embedding] + (list(layer_params.values()) if stage != "embedding" else [])
     optimizer = _optimizer(cfg.optimizer, stage_params(stage, placeholder, layer_params, cfg))
-    follow_layers(decoder_layers(backbone))
+    follow_layers(backbone.decoder_layers())
     optimizer.register_step_pre_hook(lambda *_: set_region("optimizer") and None)
     optimizer.register_step_post_hook(lambda *_: set_region("step") and None)
     batch = (*training_batch(backbone, placeholder, cfg), 1.0)
@@ -83,8 +86,6 @@ def train_phase(backbone, stage: str, settings: RunSettings) -> None:
 def _optimizer(kind: str, groups: list[dict]):
     """The optimizer, its constant tables built with real tensors even inside a fake run (bitsandbytes
     computes its 8-bit quantization maps from Python numbers)."""
-    from .tracker import outside_fake
-
     with outside_fake():
         return make_optimizer(kind, groups)
 
@@ -93,8 +94,6 @@ def _optimizer(kind: str, groups: list[dict]):
 def sampling_phase(backbone, settings: RunSettings, window: int = 1) -> None:
     """The sampler's largest moment, then the VQ decoder: a forward pass of `window` new tokens over a KV
     cache that holds the rest of a full image block, for every row of the guided batch."""
-    from transformers import DynamicCache
-
     n = settings.num_images
     rows = n * (2 if settings.sample.cfg_scale != 1.0 else 1)
     prompt = len(backbone.prompt_ids(PROMPT))

@@ -17,8 +17,12 @@ import contextlib
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch._C._profiler import _EventType
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_map_only
+from torch.utils.flop_counter import FlopCounterMode
 
 # Convolution kernels convert layouts in private buffers the dispatcher never sees: oneDNN (CPU) holds a copy
 # of the output in its blocked layout, cuDNN (GPU) a workspace of up to about the output's size. The planner
@@ -38,8 +42,6 @@ class LiveBytes(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        from torch.utils.flop_counter import FlopCounterMode
-
         self.now = 0
         self.peak = 0
         self.flops: dict[str, int] = {}  # by region
@@ -95,8 +97,6 @@ class LiveBytes(TorchDispatchMode):
 
 
 def _is_wrapper(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
     return type(t) not in (torch.Tensor, torch.nn.Parameter, FakeTensor) and not isinstance(t, FakeTensor) \
         and hasattr(t, "__tensor_flatten__")
 
@@ -159,8 +159,6 @@ def region(name: str):
 def fake_run():
     """Fake tensors with live-byte accounting: `with fake_run() as live: ...; live.peak`. Real tensors met
     inside (a small constant table some library builds eagerly) are taken as fake copies."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     live = LiveBytes()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     swap = torch.utils.swap_tensors
@@ -185,8 +183,6 @@ def fake_run():
 def outside_fake():
     """Runs its body with real tensors (e.g. a library's constant tables built from Python data), in the
     middle of a `fake_run`."""
-    from torch.utils._python_dispatch import _disable_current_modes
-
     with _disable_current_modes():
         yield
 
@@ -196,9 +192,6 @@ def measured_peak(setup, body) -> int:
     allocator held during `body`, counting from before `setup` (so what setup left alive is included). This is
     the independent measurement the planner is validated against (benchmarks/memory.py): the allocator's own
     events, kernels' private buffers included."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile, record_function
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         state = setup()
         with record_function("tokenbooth-phase"):

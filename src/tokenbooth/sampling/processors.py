@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..backbones.families import family_defaults
 from ..errors import UserError
 
 
@@ -39,8 +40,6 @@ class SamplingConfig:
     @classmethod
     def for_family(cls, family: str, **overrides) -> "SamplingConfig":
         """The family's sampling defaults (backbones/families.py), with `overrides` on top."""
-        from ..backbones.families import family_defaults
-
         return cls(**{**family_defaults(family).sample, **overrides})
 
     def validate(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ..errors import UserError
@@ -164,6 +165,11 @@ class SamplingStats:
     forward_passes: int = 0
     tokens: int = 0
 
+    def add(self, other: "SamplingStats") -> None:
+        """Counts another batch's figures in (a run drawn in batches reports them together)."""
+        self.forward_passes += other.forward_passes
+        self.tokens += other.tokens
+
 
 def check_prompt_fits(backbone, prefix: list[int]) -> None:
     needed = len(prefix) + backbone.layout.body_length
@@ -231,7 +237,5 @@ def sample_image_body(backbone, prompts: list[str], cfg: SamplingConfig, progres
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc="tokens", unit="tok", disable=not enabled, leave=False)
 

@@ -50,6 +50,11 @@ class SJDStats(SamplingStats):
     # image tokens one image fixed in one pass (its accepted drafts plus the corrected or bonus token) -> count
     tokens_per_pass: Counter = field(default_factory=Counter)
 
+    def add(self, other: "SJDStats") -> None:
+        super().add(other)
+        self.passes_per_image.extend(other.passes_per_image)
+        self.tokens_per_pass.update(other.tokens_per_pass)
+
     @property
     def mean_tokens_per_pass(self) -> float:
         total = sum(self.tokens_per_pass.values())

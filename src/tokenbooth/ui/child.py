@@ -8,6 +8,7 @@ since the last checkpoint, and the restarted server offers to resume.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -18,8 +19,6 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 def die_with_parent() -> None:
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     parent = os.environ.get("TOKENBOOTH_UI_PARENT")
     if parent and os.getppid() != int(parent):  # the server died before the request took effect
@@ -28,6 +27,7 @@ def die_with_parent() -> None:
 
 if __name__ == "__main__":
     die_with_parent()
+    # imported only now: the cli pulls in torch (seconds), and the death signal must be asked for before that
     from ..cli import main
 
     sys.exit(main(sys.argv[1:]))

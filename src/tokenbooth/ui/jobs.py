@@ -74,6 +74,25 @@ class Job:
         return cls(**{k: v for k, v in record.items() if k in known})
 
 
+def settings_from_flags(flags: list[str]) -> dict:
+    """train_flags read back, {"stage1_steps": "3", "prior_preservation": True, ...}: what a job was asked to
+    train, for a page that shows it before the run has written train_config.json."""
+    settings, i = {}, 0
+    while i < len(flags):
+        key = flags[i].removeprefix("--").replace("-", "_")
+        if i + 1 < len(flags) and not flags[i + 1].startswith("--"):
+            settings[key], i = flags[i + 1], i + 2
+        else:
+            settings[key], i = True, i + 1
+    return settings
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step a resume of the run in `folder` starts from (its last complete checkpoint), None: from scratch."""
+    checkpoint = latest_checkpoint(folder)
+    return None if checkpoint is None else int(checkpoint.name.split("-")[1])
+
+
 def train_command(workspace: Workspace, job: Job) -> list[str]:
     """The child's argv: `tokenbooth train`, resuming from the last checkpoint when there is one."""
     folder = workspace.subject_folder(job.name)
@@ -170,20 +189,23 @@ class JobQueue:
             raise UserError(f"{name} has no unfinished training to resume")
         return self.submit(job)
 
-    def cancel(self, name: str) -> None:
+    def cancel(self, name: str) -> str:
+        """Takes a waiting job out of the queue, or stops the running one; returns which it was ("waiting",
+        "running"). The next job starts only once a stopped one has ended."""
         with self._lock:
             for job in self._waiting:
                 if job.name == name:
                     self._waiting.remove(job)
                     job.state, job.finished = "cancelled", time.time()
                     job.save(self.workspace)
-                    return
+                    return "waiting"
             if self._running is None or self._running.name != name:
                 raise UserError(f"{name} is not queued or training")
             self._cancelled.add(name)
             process = self._process
         if process is not None:
             process.terminate()
+        return "running"
 
     def running(self) -> Job | None:
         with self._lock:

@@ -4,29 +4,33 @@ the library's one sampling entry point (`sampling.draw`) into PNGs that carry th
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import fields
 from pathlib import Path
 
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
 from .. import __version__
+from ..backbones import BUILTIN, chameleon, janus, load_backbone, presets
+from ..backbones.hub import cached_file
 from ..errors import UserError
 from ..io import atomic_path
+from ..personalize import load_adapter
+from ..personalize.adapter import CONFIG as ADAPTER_CONFIG
 from ..sampling import SamplingConfig, draw
 from .workspace import Subject, Workspace, sanitize_name
 
 PNG_KEY = "tokenbooth"  # the PNG text chunk holding an image's settings as JSON
 CACHE_SIZE = 2  # a base model and one personalized copy: enough for "base vs personalized"
+FALLBACK_FAMILY = "lumina-mgpt"  # the defaults for a folder that does not say its family: the paper's
 
 
 def available_models(default: str) -> list[str]:
     """mini always, the published checkpoints whose files are in the local Hugging Face cache, and the
     --model the app was started with."""
-    from ..backbones import BUILTIN, presets
-    from ..backbones.hub import cached_file
-
     names = list(BUILTIN)
     names += [name for name, (repo, _) in presets().items() if cached_file(repo, "config.json") is not None]
     return names + ([default] if default not in names else [])
@@ -35,8 +39,6 @@ def available_models(default: str) -> list[str]:
 def family_of(model: str) -> str | None:
     """The family of a model name without loading it: the published names' tables, or a folder's
     tokenbooth.json (mini's). None when only loading would tell."""
-    from ..backbones import BUILTIN, chameleon, janus
-
     if model in janus.PRESETS:
         return "janus-pro"
     if model in chameleon.PRESETS:
@@ -50,18 +52,17 @@ def family_of(model: str) -> str | None:
         return None
 
 
+def defaults_family(model: str) -> str:
+    """The family whose defaults the forms start from: the model's own, else FALLBACK_FAMILY."""
+    return family_of(model) or FALLBACK_FAMILY
+
+
 def sampling_defaults(model: str, subject: Subject | None = None) -> SamplingConfig:
     """What the Generate form starts from: the family's defaults, then the adapter's recorded settings."""
-    family = family_of(model)
     known = {f.name for f in fields(SamplingConfig)}
     recorded = subject.adapter_config().get("sampling", {}) if subject is not None else {}
     overrides = {k: v for k, v in recorded.items() if k in known}
-    return SamplingConfig.for_family(family or "lumina-mgpt", **overrides)  # an unknown folder: the paper's
-
-
-def base_prompt(prompt: str, placeholder: str) -> str:
-    """The prompt the base model gets in a side-by-side: the subject's placeholder taken out."""
-    return re.sub(r"\s+", " ", prompt.replace(placeholder, " ")).strip()
+    return SamplingConfig.for_family(defaults_family(model), **overrides)
 
 
 class Models:
@@ -73,8 +74,6 @@ class Models:
         self.lock = threading.RLock()
 
     def get(self, model: str, adapter: Path | None = None):
-        from ..backbones import load_backbone
-
         key = (model, str(adapter), _mtime(adapter))
         with self.lock:
             if key in self._cache:
@@ -84,8 +83,6 @@ class Models:
                 self._cache.popitem(last=False)
             backbone = load_backbone(model)
             if adapter is not None:  # load_adapter changes the weights in place: this copy is the subject's
-                from ..personalize import load_adapter
-
                 backbone = load_adapter(backbone, adapter)
             self._cache[key] = backbone
             return backbone
@@ -96,9 +93,7 @@ class Models:
 
 
 def _mtime(adapter: Path | None) -> float | None:
-    from ..personalize.adapter import CONFIG
-
-    return None if adapter is None else (Path(adapter) / CONFIG).stat().st_mtime
+    return None if adapter is None else (Path(adapter) / ADAPTER_CONFIG).stat().st_mtime
 
 
 def generate(models: Models, workspace: Workspace, model: str, subject: Subject | None, prompt: str, n: int,
@@ -117,7 +112,7 @@ def generate(models: Models, workspace: Workspace, model: str, subject: Subject 
                 "prompt": prompt, "num_images": n, **cfg.to_dict(), "seconds": round(drawing.seconds, 2),
                 "forward_passes": drawing.stats.forward_passes}
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    label = subject.name if subject else sanitize_name(f"base-{model}")
+    label = subject.name if subject else _base_label(model)
     paths = []
     for i, image in enumerate(drawing.images):
         path = workspace.generations_dir / f"{stamp}-{label}-s{cfg.seed}-{i}.png"
@@ -126,9 +121,15 @@ def generate(models: Models, workspace: Workspace, model: str, subject: Subject 
     return paths, settings
 
 
-def save_png_with_settings(image, path: Path, settings: dict) -> None:
-    from PIL.PngImagePlugin import PngInfo
+def _base_label(model: str) -> str:
+    """"base-NAME" for a base model's files; a model given as a folder path is named by its last part."""
+    try:
+        return sanitize_name(f"base-{Path(model).name}")
+    except UserError:
+        return "base"
 
+
+def save_png_with_settings(image, path: Path, settings: dict) -> None:
     info = PngInfo()
     info.add_text(PNG_KEY, json.dumps(settings))
     with atomic_path(path) as tmp:
@@ -136,7 +137,5 @@ def save_png_with_settings(image, path: Path, settings: dict) -> None:
 
 
 def read_png_settings(path: Path) -> dict:
-    from PIL import Image
-
     with Image.open(path) as im:
         return json.loads(im.text[PNG_KEY])

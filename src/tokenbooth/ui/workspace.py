@@ -4,7 +4,7 @@
         references/               the uploaded pictures (the training command's --images)
         job.json                  the app's record of the training job (model, flags, state, error)
         train.log                 the training command's output
-        adapter_config.json ...   the adapter, log.jsonl, validation/, checkpoints/ (personalize/recipe.py)
+        adapter_config.json ...   the adapter, log.jsonl, validation/, checkpoints/ (personalize/run_folder.py)
     WORKSPACE/generations/        generated PNGs, each with its settings in a text chunk
     WORKSPACE/exports/            subject zips for download
 
@@ -17,6 +17,7 @@ import json
 import re
 import shutil
 import time
+import unicodedata
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,26 +27,48 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import UserError
 from ..io import atomic_path
 from ..personalize.adapter import CONFIG as ADAPTER_CONFIG
+from ..personalize.placeholder import PLACEHOLDER
 from ..images import IMAGE_SUFFIXES
-from ..personalize.recipe import RUN_FILE as RUN_CONFIG
+from ..personalize import run_folder
+from ..personalize.run_folder import RUN_FILE as RUN_CONFIG
 
 MAX_IMAGES = 10  # reference pictures per subject: the paper uses 3-5, DreamBench subjects have 4-6
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # per upload; phone photos are 2-10 MB
-MAX_NAME = 64
+MAX_NAME = 64  # characters
+MAX_NAME_BYTES = 200  # as UTF-8: file systems allow 255, and .NAME.deleting-<ns> must fit too
+WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 JOB_FILE = "job.json"
 TRAIN_LOG = "train.log"
 REFERENCES = "references"
-ZIP_SKIPS = ("checkpoints", "class_tokens.safetensors")  # resumable state, not part of the adapter
+ZIP_SKIPS = (run_folder.CHECKPOINTS, run_folder.CLASS_TOKENS)  # resumable state, not part of the adapter
 
 
 def sanitize_name(raw: str) -> str:
-    """A subject name safe as one folder name on every OS: letters, digits, '-', '_' and '.', not starting
-    with a dot. Spaces become '-', everything else is dropped; an empty result is refused."""
-    name = re.sub(r"\s+", "-", (raw or "").strip())
-    name = re.sub(r"[^A-Za-z0-9._-]", "", name).lstrip(".-")[:MAX_NAME]
+    """A subject name safe as one folder name on every OS: Unicode letters and digits (NFC, so the same name
+    typed on two systems is the same folder), '-', '_' and '.', not starting with a dot or '-'. Spaces become
+    '-' and other characters are dropped (the page says the folder name when it differs from what was typed).
+    Refused: path separators (a subject is one folder), a trailing dot (Windows drops it), Windows' reserved
+    device names (CON, NUL, COM1... with or without an extension) and a name with nothing usable left."""
+    typed = unicodedata.normalize("NFC", (raw or "").strip())
+    if "/" in typed or "\\" in typed:
+        raise UserError(f"{raw!r} holds a path separator: a subject name is one folder name")
+    if typed.endswith("."):
+        raise UserError(f"{raw!r} ends with a dot, which Windows drops from folder names; remove it")
+    name = re.sub(r"\s+", "-", typed)
+    name = "".join(ch for ch in name if ch.isalnum() or ch in "-_.").lstrip(".-").rstrip(".")
+    while len(name) > MAX_NAME or len(name.encode()) > MAX_NAME_BYTES:  # a long cut may end in '.': strip it
+        name = name[:-1].rstrip(".")
     if not name:
         raise UserError(f"{raw!r} is not usable as a subject name: use letters, digits, '-' or '_'")
+    if name.split(".")[0].upper() in WINDOWS_RESERVED:
+        raise UserError(f"{name!r} is a reserved device name on Windows; choose another subject name")
     return name
+
+
+def folder_note(typed: str | None, name: str) -> str:
+    """" (folder name for '../x')" when the folder is not called what was typed, else ""."""
+    typed = (typed or "").strip()
+    return "" if not typed or typed == name else f" (folder name for {typed!r})"
 
 
 @dataclass
@@ -105,8 +128,7 @@ class Subject:
         """The training settings: the adapter's when finished, the run's (train_config.json) before."""
         if self.finished:
             return self.adapter_config()
-        run = _read_json(self.folder / RUN_CONFIG)
-        return run.get("config", run)  # {"config": TrainConfig fields, "source": ...}
+        return run_folder.run_config(self.folder)
 
     def job(self) -> dict:
         return _read_json(self.folder / JOB_FILE)
@@ -116,13 +138,18 @@ class Subject:
         return self.job().get("model") or self.adapter_config().get("backbone")
 
     def loss_records(self) -> list[dict]:
-        return read_log(self.folder / "log.jsonl")
+        return read_log(self.folder / run_folder.LOG)
+
+    def log_written(self) -> float | None:
+        """When log.jsonl was last written (a step logged, or the log cut back by a resume), None before."""
+        try:
+            return (self.folder / run_folder.LOG).stat().st_mtime
+        except OSError:
+            return None
 
     def fidelity_records(self) -> list[dict]:
-        """The validation grids' fidelity to the references (personalize/recipe.py, fidelity.jsonl)."""
-        from ..personalize.recipe import FIDELITY_LOG
-
-        return read_log(self.folder / FIDELITY_LOG)
+        """The validation grids' fidelity to the references (fidelity.jsonl, personalize/run_folder.py)."""
+        return read_log(self.folder / run_folder.FIDELITY_LOG)
 
     def references(self) -> list[Path]:
         folder = self.folder / REFERENCES
@@ -130,14 +157,12 @@ class Subject:
 
     def validation_images(self) -> list[Path]:
         """validation/step-N.png in step order, final.png last."""
-        folder = self.folder / "validation"
-        steps = sorted(folder.glob("step-*.png"), key=lambda p: int(p.stem.split("-")[1]))
-        return steps + [p for p in [folder / "final.png"] if p.is_file()]
+        return run_folder.validation_pictures(self.folder)
 
     def placeholder_words(self) -> str:
         """"[V] robot": how a prompt names the subject."""
         cfg = self.run_config()
-        return " ".join(w for w in (cfg.get("placeholder", "[V]"), cfg.get("class_name")) if w)
+        return " ".join(w for w in (cfg.get("placeholder", PLACEHOLDER), cfg.get("class_name")) if w)
 
 
 def read_log(path: Path) -> list[dict]:

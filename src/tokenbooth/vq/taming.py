@@ -22,17 +22,16 @@ import pickle
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..errors import UserError
-from .vqgan import VQGAN, VQGANConfig
+from .vqgan import VQGAN, VQGANConfig, save_vqgan
 
 LOSS_PREFIX = "loss."  # the discriminator and perceptual loss of training; not part of the tokenizer
 
 
 def read_taming_config(path: Path) -> VQGANConfig:
     """vqgan.yaml -> VQGANConfig. Our field names are the ddconfig's, plus embed_dim and n_embed."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"VQGAN config missing: {path}")
@@ -129,8 +128,6 @@ def load_taming_vqgan(config_path: Path, ckpt_path: Path) -> VQGAN:
 
 def convert_vqgan(config_path: Path, ckpt_path: Path, out: Path) -> Path:
     """`tokenbooth convert vqgan`: vqgan.yaml + vqgan.ckpt -> out/vqgan.json + out/vqgan.safetensors."""
-    from .vqgan import save_vqgan
-
     model = load_taming_vqgan(config_path, ckpt_path)
     out = Path(out)
     try:

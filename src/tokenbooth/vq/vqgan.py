@@ -9,12 +9,19 @@ has the encoder only; generation needs the decoder, hence our own class.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ..errors import UserError
+from ..io import atomic_path, atomic_write_text
 
 
 @dataclass
@@ -267,15 +274,11 @@ class VQGAN(nn.Module):
 
 def pil_to_tensor(images) -> torch.Tensor:
     """PIL RGB images of one size -> (B, 3, H, W) float in [-1, 1]."""
-    import numpy as np
-
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 def tensor_to_pil(pixels: torch.Tensor):
-    from PIL import Image
-
     arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
 
@@ -283,10 +286,6 @@ def tensor_to_pil(pixels: torch.Tensor):
 # --- on disk ------------------------------------------------------------------------------------------
 
 def save_vqgan(model: VQGAN, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    from ..io import atomic_write_text, atomic_path
-
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "vqgan.json", model.config.to_json())
     with atomic_path(folder / "vqgan.safetensors") as tmp:
@@ -295,11 +294,6 @@ def save_vqgan(model: VQGAN, folder: Path) -> None:
 
 def load_vqgan(folder: Path) -> VQGAN:
     """Loads `vqgan.json` + `vqgan.safetensors` from a folder; refuses weights that do not fit the config."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ..errors import UserError
-
     folder = Path(folder)
     cfg_path, weights_path = folder / "vqgan.json", folder / "vqgan.safetensors"
     for p in (cfg_path, weights_path):
@@ -316,8 +310,6 @@ def load_vqgan(folder: Path) -> VQGAN:
 
 
 def _load_state_strict(model: nn.Module, state: dict, what: str) -> None:
-    from ..errors import UserError
-
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]

@@ -1,4 +1,5 @@
-"""How good is mini? python -m tokenbooth.eval.mini_quality [--model mini] [--out docs]
+"""How good is mini? `tokenbooth eval mini-quality [--model mini] [--out docs]` (or, as before,
+`python -m tokenbooth.eval.mini_quality ...`, which forwards to it: __main__.py).
 
 - VQGAN: reconstruction PSNR on renders from a seed stream pretraining never used.
 - Prompt adherence: captions naming a (class, color, background) combination that pretraining never drew
@@ -7,28 +8,36 @@
   and the reader's own accuracy on true renders and on their VQGAN reconstructions (its ceilings), so the
   numbers can be read against both.
 - Diversity: one prompt, several seeds: how many of the images differ.
-Writes OUT/mini-quality.json and OUT/mini-samples.png.
+Writes OUT/mini-quality.json and OUT/mini-samples.png. Every image is drawn through `sampling.draw`, so
+--sampler sjd samples with SJD.
 """
 
 from __future__ import annotations
 
-import argparse
 import random
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..backbones import load_backbone
-from ..commands.common import add_sampling_flags, sampling_overrides
-from ..errors import UserError
-from ..images import make_grid
-from ..io import atomic_save_image, atomic_write_json
-from ..sampling import SamplingConfig, sample_image_tokens
-from ..toyworld import HELD_OUT_COMBOS, POSITIONS, describe, random_instance, random_scene, render
-from .reader import AttributeReader, load_reader
-from ..vq import pil_to_tensor, tensor_to_pil
+from ...backbones import load_backbone
+from ...images import make_grid
+from ...io import atomic_save_image, atomic_write_json
+from ...sampling import SamplingConfig, draw_codes
+from ...toyworld import HELD_OUT_COMBOS, POSITIONS, describe, random_instance, random_scene, render
+from ...vq import pil_to_tensor, tensor_to_pil
+from ..reader import AttributeReader, load_reader
+
+
+@dataclass
+class MiniQualityConfig:
+    """What `tokenbooth eval mini-quality` measures; the command fills it from its flags."""
+
+    model: str = "mini"
+    out: Path = Path("docs")
+    seed: int = 0  # of the prompts' draw and of sampling
+    sampling: dict = field(default_factory=dict)  # SamplingConfig fields over the family's (checked already)
 
 
 def vqgan_psnr(backbone, n: int = 500) -> float:
@@ -69,33 +78,21 @@ def prompts_for(combos, rng):
 
 
 def generate(backbone, prompts, cfg, batch=24):
+    """Images for `prompts`, `batch` at a time, with the sampler `cfg` names (decoded a batch at a time)."""
     images = []
     for i in range(0, len(prompts), batch):
-        codes = sample_image_tokens(backbone, prompts[i : i + batch], cfg)
+        codes = draw_codes(backbone, prompts[i : i + batch], cfg)
         images += tensor_to_pil(backbone.decode_images(codes))
     return images
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="mini")
-    ap.add_argument("--out", type=Path, default=Path("docs"))
-    ap.add_argument("--seed", type=int, default=0)
-    add_sampling_flags(ap)
-    args = ap.parse_args(argv)
-    try:
-        measure(args)
-    except UserError as e:
-        sys.exit(f"tokenbooth: error: {e}")
-
-
-def measure(args) -> None:
+def measure(cfg: MiniQualityConfig) -> dict:
+    """Every figure above into cfg.out; returns mini-quality.json's content."""
     torch.set_flush_denormal(True)
     t0 = time.time()
-    overrides = sampling_overrides(args)  # checked before the model loads
-    backbone = load_backbone(args.model)
-    cfg = SamplingConfig.for_family(backbone.family, seed=args.seed, **overrides)  # mini's defaults unless asked
-    rng = random.Random(args.seed)
+    backbone = load_backbone(cfg.model)
+    sampling = SamplingConfig.for_family(backbone.family, seed=cfg.seed, **cfg.sampling)  # mini's unless asked
+    rng = random.Random(cfg.seed)
 
     held_prompts, held_asked = prompts_for(sorted(HELD_OUT_COMBOS), rng)
     seen_combos = []
@@ -103,24 +100,18 @@ def measure(args) -> None:
         s = random_scene(rng)
         seen_combos.append((s.instance.cls, s.instance.color, s.background))
     seen_prompts, seen_asked = prompts_for(seen_combos, rng)
-    held_images = generate(backbone, held_prompts, cfg)
-    seen_images = generate(backbone, seen_prompts, cfg)
+    held_images = generate(backbone, held_prompts, sampling)
+    seen_images = generate(backbone, seen_prompts, sampling)
 
     reader = load_reader()
-    ceiling_scenes = [random_scene(random.Random(f"ceiling:{i}"), allow_held_out=True) for i in range(300)]
-    ceiling_renders = [render(s, backbone.resolution) for s in ceiling_scenes]
-    ceiling_asked = [asked_of(s) for s in ceiling_scenes]
-    ceiling = adherence(reader, ceiling_renders, ceiling_asked)
-    recon = tensor_to_pil(backbone.decode_images(backbone.encode_images(pil_to_tensor(ceiling_renders))))
-    ceiling_recon = adherence(reader, recon, ceiling_asked)
-
-    diversity_prompt = "a blue car on the grass"
-    seeds = list(range(8))
-    codes = torch.cat([sample_image_tokens(backbone, [diversity_prompt], SamplingConfig(**{**cfg.to_dict(), "seed": s})) for s in seeds])
+    ceiling, ceiling_recon = reader_ceilings(reader, backbone)
+    diversity_prompt, seeds = "a blue car on the grass", list(range(8))
+    codes = torch.cat([draw_codes(backbone, [diversity_prompt], SamplingConfig(**{**sampling.to_dict(), "seed": s}))
+                       for s in seeds])
     distinct = len({tuple(c.flatten().tolist()) for c in codes})
 
     result = {
-        "model": args.model,
+        "model": cfg.model,
         "vqgan_psnr_db": vqgan_psnr(backbone),
         "adherence_held_out_combinations": adherence(reader, held_images, held_asked),
         "adherence_seen_combinations": adherence(reader, seen_images, seen_asked),
@@ -129,18 +120,27 @@ def measure(args) -> None:
         "chance": {"cls": 1 / 12, "background": 0.1, "color": 0.1, "position": 1 / 3},
         "prompts_per_set": len(held_prompts),
         "diversity": {"prompt": diversity_prompt, "seeds": len(seeds), "distinct_images": distinct},
-        "sampling": cfg.to_dict(),
+        "sampling": sampling.to_dict(),
         "seconds": round(time.time() - t0, 1),
-        "command": "python -m tokenbooth.eval.mini_quality",
+        "command": "python -m tokenbooth.eval.mini_quality",  # as the figures on record were made
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "mini-quality.json", result)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cfg.out / "mini-quality.json", result)
     samples = held_images[:24] + tensor_to_pil(backbone.decode_images(codes))
-    atomic_save_image(make_grid(samples, columns=8), args.out / "mini-samples.png")
+    atomic_save_image(make_grid(samples, columns=8), cfg.out / "mini-samples.png")
     for key in ("vqgan_psnr_db", "adherence_held_out_combinations", "adherence_seen_combinations",
                 "reader_on_true_renders", "reader_on_vqgan_reconstructions", "diversity"):
         print(f"{key}: {result[key]}")
+    return result
 
 
-if __name__ == "__main__":
-    main()
+def reader_ceilings(reader: AttributeReader, backbone) -> tuple[dict, dict]:
+    """The reader's adherence on 300 true renders and on their VQGAN reconstructions: the best a drawing can
+    score, before and after the image tokenizer."""
+    scenes = [random_scene(random.Random(f"ceiling:{i}"), allow_held_out=True) for i in range(300)]
+    renders = [render(s, backbone.resolution) for s in scenes]
+    asked = [asked_of(s) for s in scenes]
+    on_renders = adherence(reader, renders, asked)
+    recon = tensor_to_pil(backbone.decode_images(backbone.encode_images(pil_to_tensor(renders))))
+    return on_renders, adherence(reader, recon, asked)
+

@@ -1,0 +1,32 @@
+"""A benchmark run's `run.json`: the settings that decide its images, recorded when the run starts, so that a
+restart in the same output folder continues only the run it was started as (DreamBench and toy-bench)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+from ..io import atomic_write_json, read_json_object
+
+RUN_FILE = "run.json"
+
+
+def check_run_settings(out: Path, settings: dict, bench: str, write: bool = True, stamp: dict | None = None) -> None:
+    """Refuses a restart whose settings differ from those `out`'s run.json holds, naming the first that does
+    (with both values when they are short); with no run.json yet, records `settings` (after `stamp`'s fields,
+    e.g. the version) unless `write` is False (a check before anything is written, or a process that is not
+    the one writing files)."""
+    path = Path(out) / RUN_FILE
+    if path.is_file():
+        saved = read_json_object(path, f"{bench} settings").get("settings")
+        saved = saved if isinstance(saved, dict) else {}  # unreadable settings: refused as other ones
+        changed = [key for key, value in settings.items() if saved.get(key) != value]
+        if changed:
+            key = changed[0]
+            there, now = saved.get(key), settings[key]
+            which = key if isinstance(there, (dict, list)) or isinstance(now, (dict, list)) \
+                else f"{key}: {there!r} there, {now!r} now"
+            raise UserError(f"{out} holds a {bench} run with other settings ({which}); use the same settings to "
+                            f"continue it, or another --output")
+    elif write:
+        atomic_write_json(path, {**(stamp or {}), "settings": settings})
