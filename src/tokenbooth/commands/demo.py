@@ -1,11 +1,15 @@
-"""`tokenbooth demo`: personalize mini on the bundled toy robot and draw a comparison grid."""
+"""`tokenbooth demo`: personalize mini on the bundled toy robot, draw a comparison grid, and print the attribute
+reader's verdict on each row (eval/demo_figures.py; also in demo.json)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from ..eval.demo_figures import judge_rows, verdict_lines
+from ..eval.reader import load_reader
 from ..personalize.demo import make_demo
+from ..toyworld import demo_subject
 from .common import add_sampler_flags, sampling_overrides
 
 
@@ -22,4 +26,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    make_demo(args.out, seed=args.seed, overwrite=args.overwrite, **sampling_overrides(args))
+    reader = load_reader()  # before the minute of training: a missing or stale reader stops the demo at once
+
+    def judge(rows: list[dict]) -> dict:
+        figures = judge_rows(reader, demo_subject.SUBJECT, rows)
+        print("\n".join(verdict_lines(figures)))
+        return figures
+
+    make_demo(args.out, seed=args.seed, overwrite=args.overwrite, judge=judge, **sampling_overrides(args))

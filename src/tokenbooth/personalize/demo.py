@@ -3,13 +3,19 @@
 Rows: the five reference pictures; the base model asked for the class word alone (what "robot" means
 to it before personalization); then the personalized model in new contexts, a property change and an
 accessory, DreamBench's three kinds of prompts.
+
+After the grid is drawn, a judge (passed in: `tokenbooth demo` passes the attribute reader's, eval/demo_figures.py)
+reads every cell; its figures go into OUT/demo.json beside the grid.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 from ..backbones import load_backbone
 from ..errors import UserError
@@ -25,18 +31,35 @@ from .recipe import train
 
 MODEL = "mini"
 IMAGES_PER_ROW = 5
+REFERENCES_LABEL = "references (never in pretraining)"
+
+
+class DemoPrompt(NamedTuple):
+    label: str
+    text: str
+    personalized: bool  # drawn by the personalized model (else by the base model)
+    asks: dict | None  # what the prompt asks for, as toyworld names it (the judge reads it back)
+
+
 PROMPTS = (
-    ("base model: a robot", "a robot", False),
-    ("[V] robot on the beach", "a [V] robot on the beach", True),
-    ("[V] robot in the snow", "a [V] robot in the snow", True),
-    ("[V] robot at night", "a [V] robot under a starry night sky", True),
-    ("a red [V] robot", "a red [V] robot on a white background", True),
-    ("[V] robot wearing a hat", "a [V] robot wearing a hat on the grass", True),
+    DemoPrompt("base model: a robot", "a robot", False, None),
+    DemoPrompt("[V] robot on the beach", "a [V] robot on the beach", True, {"background": "beach"}),
+    DemoPrompt("[V] robot in the snow", "a [V] robot in the snow", True, {"background": "snow"}),
+    DemoPrompt("[V] robot at night", "a [V] robot under a starry night sky", True, {"background": "night"}),
+    DemoPrompt("a red [V] robot", "a red [V] robot on a white background", True,
+               {"background": "white", "color": "red"}),
+    DemoPrompt("[V] robot wearing a hat", "a [V] robot wearing a hat on the grass", True,
+               {"background": "grass", "accessory": "hat"}),
 )
 
+# A judge reads the drawn rows, each {"label", "kind" ("references", "base" or "personalized"), "asks",
+# "images"}, and returns JSON-ready figures for demo.json.
+Judge = Callable[[list[dict]], dict]
 
-def make_demo(out: Path, seed: int = 0, overwrite: bool = False, **sampling) -> Path:
-    """Personalizes mini on the bundled robot into OUT/adapter and draws OUT/demo.png; returns the grid's path.
+
+def make_demo(out: Path, seed: int = 0, overwrite: bool = False, judge: Judge | None = None, **sampling) -> Path:
+    """Personalizes mini on the bundled robot into OUT/adapter, draws OUT/demo.png and writes OUT/demo.json (the
+    settings, and the judge's figures when a judge is given); returns the grid's path.
     sampling: SamplingConfig fields over mini's defaults (backbones/families.py), e.g. sampler="sjd"."""
     out = Path(out)
     adapter_dir, grid_path = out / "adapter", out / "demo.png"
@@ -60,16 +83,27 @@ def make_demo(out: Path, seed: int = 0, overwrite: bool = False, **sampling) -> 
     print(f"2/2 drawing the comparison grid (guidance {sampling.cfg_scale}, {sampling.sampler} sampler)")
     untouched = load_backbone(MODEL)
     personalized = load_adapter(load_backbone(MODEL), adapter_dir)
-    rows = [("references (never in pretraining)", references)]
-    for label, prompt, uses_adapter in PROMPTS:
-        model = personalized if uses_adapter else untouched
-        rows.append((label, draw(model, [prompt] * IMAGES_PER_ROW, sampling, progress=True).images))
+    rows = [(REFERENCES_LABEL, references)]
+    for prompt in PROMPTS:
+        model = personalized if prompt.personalized else untouched
+        rows.append((prompt.label, draw(model, [prompt.text] * IMAGES_PER_ROW, sampling, progress=True).images))
     atomic_save_image(labeled_rows(rows), grid_path)
+    # judged after the grid is saved: reading the cells changes no pixel of it
+    figures = judge(judged_rows(rows)) if judge is not None else None
     atomic_write_json(out / "demo.json", {
-        "subject": demo_subject.SUBJECT.key, "prompts": [p for _, p, _ in PROMPTS], "seed": seed,
-        "sampling": sampling.to_dict(),
+        "subject": demo_subject.SUBJECT.key, "prompts": [p.text for p in PROMPTS], "seed": seed,
+        "sampling": sampling.to_dict(), "training": asdict(cfg),
         "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t0, 1),
+        **({"reader": figures} if figures is not None else {}),
     })
     print(f"done in {time.time() - t0:.0f}s: grid {grid_path}, adapter {adapter_dir}, "
           f"loss curve {adapter_dir / run_folder.LOSS_PLOT}")
     return grid_path
+
+
+def judged_rows(rows: list[tuple[str, list]]) -> list[dict]:
+    """The grid's rows (references first, then PROMPTS' rows) as a judge reads them."""
+    (label, references), drawn = rows[0], rows[1:]
+    out = [{"label": label, "kind": "references", "asks": None, "images": references}]
+    return out + [{"label": prompt.label, "kind": "personalized" if prompt.personalized else "base",
+                   "asks": prompt.asks, "images": images} for prompt, (_, images) in zip(PROMPTS, drawn)]

@@ -1,0 +1,76 @@
+"""mini v3's tokenizer pilot (pretrain/mini_v3_pilot.py): the subject mask, the weighted loss, bitwise resume.
+Tiny VQGAN, a few steps: the pilot itself is never trained here."""
+
+import shutil
+
+import numpy as np
+import torch
+
+from tokenbooth.pretrain.mini_v3_pilot import (
+    Design, Trainer, build_data, reconstruction_loss, subject_mask, token_share,
+)
+from tokenbooth.toyworld import pretraining_scene, render, render_background
+from tokenbooth.toyworld.render import CANVAS
+from tokenbooth.vq import VQGANConfig
+
+TINY = Design("tiny", VQGANConfig(embed_dim=8, n_embed=32, z_channels=32, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                                  resolution=64), subject_weight=4.0, batch=2)
+
+
+def test_subject_mask_covers_every_pixel_the_subject_paints_and_nothing_far_from_it():
+    for i in range(20):
+        scene = pretraining_scene(i)
+        mask = subject_mask(scene, CANVAS)
+        painted = (np.asarray(render(scene, CANVAS)) != np.asarray(render_background(scene.background, scene.seed,
+                                                                                     CANVAS))).any(-1)
+        assert mask.sum() > 0
+        assert not (painted & (mask < 1)).any()  # every changed pixel is the subject's
+        assert mask[:5].sum() == 0  # the top rows are sky or backdrop: subjects stand on the ground
+    at_64 = subject_mask(pretraining_scene(0))  # box-filtered to 64 px as render() is: coverage in [0, 1]
+    assert at_64.shape == (64, 64) and 0 < at_64.mean() < 0.6 and at_64.max() <= 1.0
+
+
+def test_token_share_counts_cells_a_quarter_covered():
+    mask = np.zeros((8, 8), np.float32)
+    mask[:4, :4] = 1.0  # one 4x4 cell of four
+    assert token_share(mask, 4) == 0.25
+    mask[:1, 4:8] = 1.0  # a quarter of the next cell
+    assert token_share(mask, 4) == 0.5
+
+
+def test_unweighted_loss_is_v2s_l1_plus_l2_and_weighting_favours_the_subject():
+    recon, target = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4) * 0.5
+    mask = torch.zeros(2, 1, 4, 4)
+    assert torch.isclose(reconstruction_loss(recon, target, mask, 0.0),
+                         torch.nn.functional.l1_loss(recon, target) + torch.nn.functional.mse_loss(recon, target))
+    target[:, :, :2] = 1.0  # bigger error on the subject's rows
+    mask[:, :, :2] = 1.0
+    assert reconstruction_loss(recon, target, mask, 4.0) > reconstruction_loss(recon, target, mask, 0.0)
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pilot_training_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    first = tmp_path / "straight"
+    first.mkdir()
+    build_data(first, num_train=12, num_held_out=2)
+    other = tmp_path / "resumed"
+    shutil.copytree(first, other)
+
+    straight = Trainer(TINY, first, total_steps=4)
+    for _ in range(4):
+        assert np.isfinite(straight.step()["rec"])
+
+    interrupted = Trainer(TINY, other, total_steps=4)
+    for _ in range(2):
+        interrupted.step()
+    interrupted.save_checkpoint()
+    torch.manual_seed(123)  # whatever happened in between must not matter
+    resumed = Trainer(TINY, other, total_steps=4)
+    assert resumed.step_no == 2
+    for _ in range(2):
+        resumed.step()
+    assert _states_equal(straight.model.state_dict(), resumed.model.state_dict())
+    assert torch.equal(straight.usage, resumed.usage)
