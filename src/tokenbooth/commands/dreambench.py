@@ -7,7 +7,8 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from ..eval.dreambench import RunSettings, describe, read_dreambench, run_dreambench
+from ..eval.dreambench import RunSettings, run_dreambench
+from ..eval.dreambench_data import describe, read_dreambench
 from .common import (DEFAULT_MODEL, MODEL_HELP, add_sampler_flags, family_default, finite_float, positive_int,
                      sampling_overrides)
 from .score import add_metric_flags

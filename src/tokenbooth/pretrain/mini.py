@@ -29,7 +29,8 @@ from ..backbones.chameleon_build import BPE_MERGES, chameleon_config, train_bpe_
 from ..assets import MINI_DIR
 from ..io import atomic_path
 from ..toyworld import Scene, caption, pretraining_scene, render
-from ..vq import VQGAN, VQGANConfig, pil_to_tensor, save_vqgan
+from ..vq import VQGAN, VQGANConfig, save_vqgan
+from .loop import load_checkpoint, log, resume, save_checkpoint, zero_denormals  # noqa: F401 (resume: re-exported)
 
 RESOLUTION = 64
 NUM_SCENES = 60_000
@@ -59,10 +60,6 @@ TRANSFORMER_BATCH = 48
 WARMUP = 100
 
 
-def log(msg: str) -> None:
-    print(time.strftime("%H:%M:%S"), msg, flush=True)
-
-
 # --- data ---------------------------------------------------------------------------------------------
 
 def build_data(work: Path) -> None:
@@ -85,39 +82,6 @@ def load_pixels(work: Path) -> torch.Tensor:
 
 def load_scenes(work: Path) -> list[Scene]:
     return [Scene.from_dict(json.loads(line)) for line in (work / "scenes.jsonl").read_text().splitlines()]
-
-
-# --- checkpoints ---------------------------------------------------------------------------------------
-
-def save_checkpoint(path: Path, **state) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Path):
-    return torch.load(path, weights_only=True) if path.exists() else None
-
-
-def resume(path: Path, what: str, optimizer, **modules) -> int:
-    """Loads `path` into the optimizer and the named modules when a checkpoint is there; returns its step (0
-    for a fresh start). Checkpoints hold {"opt", "step", and one state dict per module name}."""
-    if (ck := load_checkpoint(path)) is None:
-        return 0
-    for name, module in modules.items():
-        module.load_state_dict(ck[name])
-    optimizer.load_state_dict(ck["opt"])
-    log(f"{what}: resumed at step {ck['step']}")
-    return ck["step"]
-
-
-def zero_denormals(optimizer: torch.optim.Optimizer) -> None:
-    """Adam's moments for parameters that get no gradient (unused codes, unseen tokens) decay towards
-    denormal floats, which CPU kernels process many times slower: the whole run slowed 10x without this.
-    (torch.set_flush_denormal only covers the calling thread, not the worker threads.)"""
-    for state in optimizer.state.values():
-        for t in state.values():
-            if torch.is_tensor(t) and t.is_floating_point() and t.dim() > 0:
-                t.masked_fill_(t.abs() < 1e-30, 0.0)
 
 
 # --- VQGAN --------------------------------------------------------------------------------------------

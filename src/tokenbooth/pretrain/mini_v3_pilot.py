@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ..io import atomic_write_json
@@ -33,7 +32,8 @@ from ..toyworld import Scene, pretraining_scene, render
 # The renderer's own drawers, so that the mask is exactly what `render` paints (toyworld has no public mask).
 from ..toyworld.render import CANVAS, DRAWERS, _accessory, _Painter, draw_background, object_box
 from ..vq import VQGAN, VQGANConfig, save_vqgan
-from .mini import RESOLUTION, VQGAN_CONFIG, log, restart_dead_codes, save_checkpoint, zero_denormals
+from .loop import log, save_checkpoint, zero_denormals
+from .mini import RESOLUTION, VQGAN_CONFIG, restart_dead_codes
 
 NUM_TRAIN = 20_000  # pretraining scenes 0..N-1 of v2's stream (base seed 0); a 30-minute run sees ~1 epoch
 NUM_HELD_OUT = 500  # scored on: the reader's held-out stream (base seed 7), never trained on by any VQGAN here

@@ -24,7 +24,7 @@ from ..assets import READER_DIR
 from ..eval.reader import RESOLUTION, VALUES, AttributeReader, accuracy, labels, save_reader, to_pixels
 from ..io import atomic_write_json
 from ..toyworld import Scene, pretraining_scene, random_scene, render, reserved_instances
-from .mini import log, resume, save_checkpoint, zero_denormals
+from .loop import log, resume, save_checkpoint, zero_denormals
 
 STEPS = 3000
 BATCH = 64

@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ..assets import TOYCLIP_DIR
 from ..eval.metrics import CLIP_MEAN, CLIP_STD, clip_pixels, load_clip
 from ..toyworld import BACKGROUNDS, COLORS, POSITIONS, Scene, caption, describe, pretraining_scene, render
 from ..toyworld import reserved_instances
-from .mini import zero_denormals
+from .loop import zero_denormals
 
 MODEL_DIR = TOYCLIP_DIR  # the shipped model folder this script writes
 RESOLUTION = 64

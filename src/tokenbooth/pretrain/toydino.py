@@ -42,7 +42,7 @@ from ..io import atomic_write_json
 from ..toyworld import (COLORS, DEV_SUBJECTS, RESERVED, TEST_SUBJECTS, Scene, pretraining_scene, render,
                         reserved_instances)
 from ..toyworld.world import BACKGROUNDS, PATTERNS, POSITIONS
-from .mini import log, resume, save_checkpoint, zero_denormals
+from .loop import log, resume, save_checkpoint, zero_denormals
 
 RESOLUTION = 64
 STEPS = 2400
