@@ -217,3 +217,58 @@ def make_dreambench(folder: Path) -> Path:
         for i, im in enumerate(toy_images(3, instance=instance, size=48)):
             im.crop((0, 0, 48, 40)).save(folder / name / f"{i:02d}.jpg")  # not square, like the real photos
     return folder
+
+
+# Emu3 (BAAI/Emu3-Gen-hf) in miniature: the specials in the real order (convert_emu3_weights_to_hf.py), a VQ-VAE
+# with the real four levels (8 pixels a latent, what Emu3Processor assumes) and 64 codes.
+EMU3_RES = 32  # 4 x 4 latents
+EMU3_CODES = 64
+
+
+def write_emu3_folder(folder, seed=0, dtype=torch.float32, peaked=False):
+    """What transformers' Emu3 conversion writes (model + processor + tokenizer, save_pretrained), tiny."""
+    from tokenizers import AddedToken
+    from transformers import (Emu3Config, Emu3ForConditionalGeneration, Emu3ImageProcessor, Emu3Processor,
+                              PreTrainedTokenizerFast)
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *[f"<|extra_{i}|>" for i in range(205)],
+                "<|image token|>", "<|image start|>", "<|image end|>",
+                *[f"<|visual token {c:06d}|>" for c in range(EMU3_CODES)]]
+    tok = byte_bpe(CAPTIONS + ["0123456789*"], [])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|extra_203|>", eos_token="<|extra_204|>", pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|extra_0|>", "boi_token": "<|image start|>", "eoi_token": "<|image end|>",
+                              "image_wrapper_token": "<|image token|>", "eof_token": "<|extra_201|>"})
+    vocab = tok.get_vocab()
+    config = Emu3Config(
+        text_config=dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|extra_203|>"],
+                         eos_token_id=vocab["<|extra_204|>"]),
+        vq_config=dict(codebook_size=EMU3_CODES, embed_dim=4, latent_channels=4, base_channels=32,
+                       channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[], hidden_size=32),
+        vocabulary_map=vocab)
+    torch.manual_seed(seed)
+    model = Emu3ForConditionalGeneration(config)
+    if peaked:  # random weights give near-uniform image logits; scaled ones make greedy decoding meaningful
+        with torch.no_grad():
+            model.lm_head.weight.mul_(30)
+    model.to(dtype).save_pretrained(folder)
+    processor = Emu3Processor(Emu3ImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3, min_pixels=EMU3_RES ** 2,
+                                                 max_pixels=4 * EMU3_RES ** 2), tokenizer)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def cache_repo(cache, repo_id, source, skip=()):
+    """A repository as `huggingface-cli download` leaves it: refs/main and snapshots/<commit>/ of links."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.is_file() and path.name not in skip:
+            (snapshot / path.name).symlink_to(path)

@@ -19,7 +19,7 @@ import socket
 
 import pytest
 import torch
-from helpers import (CAPTIONS, JANUS_RES, LUMINA_RES, VQ_CFG, byte_bpe, quick, run_cli, write_janus_folder,
+from helpers import (CAPTIONS, cache_repo, JANUS_RES, LUMINA_RES, VQ_CFG, byte_bpe, quick, run_cli, write_janus_folder,
                      write_meta_vqgan)
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -368,19 +368,6 @@ def test_janus_train_then_generate_with_the_adapter_from_the_command_line(janus_
 
 
 # --- names, the Hugging Face cache, and refusals ----------------------------------------------------------
-
-def cache_repo(cache, repo_id, source, skip=()):
-    """A repository as `huggingface-cli download` leaves it: refs/main and snapshots/<commit>/ of links."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for path in source.iterdir():
-        if path.is_file() and path.name not in skip:
-            (snapshot / path.name).symlink_to(path)
-
 
 @pytest.fixture
 def offline_cache(lumina_dir, janus_dir, vqgan_env, tmp_path, monkeypatch):

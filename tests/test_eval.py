@@ -467,6 +467,33 @@ def test_dreambench_runs_subjects_writes_tables_and_skips_finished_ones(tiny_mod
     assert code == 1 and "other settings (images_per_prompt: 2 there, 1 now)" in err
 
 
+def test_dreambench_quantize_trains_qlora_and_draws_on_the_quantized_base(tiny_model_dir, dino_and_clip, tmp_path,
+                                                                          capsys, monkeypatch):
+    import tokenbooth.eval.dreambench as dreambench
+    from tokenbooth.backbones.quantize import is_quantized
+
+    real, drawn_on = dreambench.load_for_sampling, []
+
+    def load_and_look(*args, **kwargs):
+        backbone, bits = real(*args, **kwargs)
+        k_proj = backbone.decoder_layers()[0].self_attn.k_proj  # LoRA's target: kept unmerged over the quantized one
+        drawn_on.append((bits, is_quantized(getattr(k_proj, "base", k_proj).weight)))
+        return backbone, bits
+
+    monkeypatch.setattr(dreambench, "load_for_sampling", load_and_look)
+    dataset, out = make_dreambench(tmp_path / "dataset"), tmp_path / "run"
+    code, _, err = run_cli(capsys, *bench_args(dataset, tiny_model_dir, dino_and_clip, out, "--subjects", "cat2",
+                                               "--quantize", "int8"))
+    assert code == 0, err
+    folder = out / "subjects" / "cat2"
+    adapter = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert adapter["quantize"] == "int8" and adapter["layers"] == "lora"
+    assert drawn_on == [("int8", True)]  # drawn on the quantized base it trained on
+    assert json.loads((folder / "scores.json").read_text())["images"]
+    code, _, err = run_cli(capsys, *bench_args(dataset, tiny_model_dir, dino_and_clip, out, "--subjects", "cat2"))
+    assert code == 1 and "quantize: 'int8' there" in err  # a restart must keep the run's settings
+
+
 def test_an_interrupted_run_keeps_finished_subjects_and_exits_non_zero(tiny_model_dir, dino_and_clip, tmp_path, capsys,
                                                                        monkeypatch):
     import tokenbooth.eval.dreambench as dreambench

@@ -147,9 +147,10 @@ def test_a_full_disk_during_save_leaves_no_adapter_behind(fresh, refs, tmp_path,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(adapter, "_jsonable", full_disk)  # fails in the middle of writing the adapter
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="no space left on the device"):  # one line, not a traceback
         train(fresh, refs, quick("model", layers="lora"), tmp_path / "full", progress=False)
     assert not (tmp_path / "full" / "adapter_config.json").exists()
+    assert not (tmp_path / "full" / "learned_embeds.safetensors").exists()  # none of its files, not some
     assert not list((tmp_path / "full").rglob("*.tmp"))
 
 

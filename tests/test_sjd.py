@@ -13,7 +13,7 @@ from tokenbooth.sampling import SamplingConfig, SamplingStats, image_token_distr
 from tokenbooth.sampling.sampler import sample_image_body
 from tokenbooth.sampling.coupling import COUPLINGS
 from tokenbooth.sampling.processors import sample
-from tokenbooth.sampling.sjd import SJDStats, sample_image_body_sjd
+from tokenbooth.sampling.sjd import SJDStats, one_hot_residual, sample_image_body_sjd, take_branch
 
 
 # --- a micro backbone whose whole image distribution can be written down ---------------------------------
@@ -110,8 +110,8 @@ def total_variation(codes: torch.Tensor, law: torch.Tensor, K: int) -> float:
 
 PROMPT = "a red robot"
 IMAGES = 12_000
-# Each sampler below is checked 5 times (the joint law of the 4 cells and each cell's marginal), 75 checks in
-# all; each must have p > ALPHA, so a correct sampler fails the file with probability below 75 * ALPHA = 0.4%.
+# Each sampler below is checked 5 times (the joint law of the 4 cells and each cell's marginal), 105 checks in
+# all; each must have p > ALPHA, so a correct sampler fails the file with probability below 105 * ALPHA = 0.5%.
 ALPHA = 5e-5
 GUIDED = dict(cfg_scale=3.0, image_top_k=3)  # top-k 3 of 4: zero-probability drafts get rejected
 NUCLEUS = dict(cfg_scale=1.0, top_p=0.9, temperature=1.2)
@@ -122,9 +122,13 @@ SETTINGS = {  # every coupling under CFG, top-k, top-p, temperature, both inits,
     "nucleus-above-L4": dict(**NUCLEUS, sjd_window=4, sjd_init="above"),
 }
 CASES = [("plain", GUIDED)]  # the check itself: plain sampling must pass it
+# the default proactive branch (one sibling) under every coupling and setting
 CASES += [(f"sjd-{c}-{name}", sjd(**s, sjd_coupling=c)) for c in COUPLINGS for name, s in SETTINGS.items()]
-CASES += [("sjd-unbatched-nocache-L5", sjd(cfg_scale=2.0, batched_cfg=False, kv_cache=False, sjd_window=5,
-                                           sjd_init="above"))]
+# MC-SJD without the branch, and a branch of 3 (the repeated token verified along it, across the row end)
+CASES += [(f"sjd-maximal-{name}-proactive{d}", sjd(**s, sjd_coupling="maximal", sjd_proactive=d))
+          for d in (0, 3) for name, s in SETTINGS.items()]
+CASES += [("sjd-unbatched-nocache-L5-proactive3", sjd(cfg_scale=2.0, batched_cfg=False, kv_cache=False, sjd_window=5,
+                                                      sjd_init="above", sjd_proactive=3))]
 
 
 @pytest.mark.parametrize("settings", [s for _, s in CASES], ids=[name for name, _ in CASES])
@@ -178,6 +182,45 @@ def test_the_check_fails_a_broken_coupling(micro, coupling):
     assert fit_p_values(codes, law, K=4)["joint"] < 1e-9
 
 
+def sibling_tested_against_p(sampler, w, accepted, p_first, p_branch, run, eligible):
+    """After the first draft's rejection, tests the sibling like a second one-hot draft, with p(sibling), and
+    takes it on success: right only against the residual law, which the rejection left, not against p."""
+    first = (w.last + 1).clamp(max=sampler.bl - 1)
+    u = torch.rand(len(run), generator=sampler.generator)
+    swap = eligible & (accepted == 0) & (u < p_first.gather(1, run[:, None])[:, 0])
+    w.codes[swap.nonzero()[:, 0], first[swap]] = run[swap]
+    return take_branch(sampler, w, accepted, p_first, p_branch, run, eligible)
+
+
+def test_the_check_fails_a_broken_proactive_branch(micro):
+    cfg = SamplingConfig.for_family("mini", **sjd(**GUIDED, sjd_window=2, sjd_init="random", sjd_coupling="none",
+                                                 sjd_proactive=3), seed=4)
+    law = exact_image_law(micro, PROMPT, cfg)
+    codes = draw_codes(micro, sample_image_body_sjd, cfg, IMAGES, _branch=sibling_tested_against_p)
+    assert fit_p_values(codes, law, K=4)["joint"] < 1e-9
+
+
+def draw_from_the_whole_law_after_a_rejection(law, token, rejected):
+    """Along the branch, a rejected repeat is replaced by a draw from the whole law, not the law without it."""
+    return law
+
+
+@pytest.mark.parametrize("residual,right", [(one_hot_residual, True),
+                                            (draw_from_the_whole_law_after_a_rejection, False)])
+def test_a_repeat_along_the_branch_and_its_residual_give_the_law(residual, right):
+    """The branch's further tokens are one-hot drafts: accepted with law(token), else replaced by a draw from
+    `one_hot_residual`. Together that is a draw from the law, whatever the token. (On the micro model the
+    branch rarely goes that far, so this step is checked on its own, with a law that has a zero.)"""
+    g = torch.Generator().manual_seed(7)
+    draws = 40_000
+    law = torch.tensor([0.45, 0.3, 0.0, 0.25]).expand(draws, 4)
+    token = torch.full((draws,), 0)
+    keep = torch.rand(draws, generator=g) < law[:, 0]
+    drawn = torch.where(keep, token, sample(residual(law, token, ~keep), g))
+    p_value = chi_square_p_value(torch.bincount(drawn, minlength=4), law[0])
+    assert (p_value > 1e-4) if right else (p_value < 1e-9)
+
+
 # --- behaviour on the tiny model of the other tests -------------------------------------------------------
 
 @pytest.mark.parametrize("init", ["random", "above"])
@@ -214,6 +257,27 @@ def test_greedy_sjd_is_greedy_plain_sampling_even_with_padded_rows(tiny_backbone
     assert tiny_backbone.layout.body_length == 73
     assert torch.equal(sample_image_body_sjd(tiny_backbone, prompts, cfg),
                        sample_image_body(tiny_backbone, prompts, cfg))
+
+
+@pytest.mark.parametrize("window", [1, 5, 16])
+@pytest.mark.parametrize("proactive", [1, 4])
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_greedy_sjd_with_a_proactive_branch_is_greedy_plain_sampling(tiny_backbone, window, proactive, kv_cache):
+    """The branch's keys and values move into the cache when it is taken: a wrong column or position there
+    changes a greedy image. The test also makes sure the branch was taken at all."""
+    taken = []
+
+    def counting(*args):
+        out = take_branch(*args)
+        taken.append(int((out > 0).sum()))
+        return out
+
+    cfg = SamplingConfig.for_family("mini", **sjd(sjd_window=window, sjd_proactive=proactive), seed=0, image_top_k=1,
+                                    kv_cache=kv_cache)
+    prompts = ["a red robot on the beach, on the left", "a cup"]
+    assert torch.equal(sample_image_body_sjd(tiny_backbone, prompts, cfg, _branch=counting),
+                       sample_image_body(tiny_backbone, prompts, cfg))
+    assert sum(taken) > 0
 
 
 def test_greedy_sjd_is_greedy_plain_sampling_on_janus_too(janus_fp32_dir):
@@ -274,12 +338,17 @@ class FedWidths:
 
 
 def test_each_image_of_a_batch_advances_on_its_own(tiny_backbone):
-    """After the first pass (the prompts too), a pass feeds every image's own last token and window: L + 1
-    columns, however far apart the images are; an image that is done leaves the batch."""
+    """After the first pass (the prompts too), a pass feeds every image's own last token, window and
+    proactive branch: L + 1 + D columns, however far apart the images are, fewer only once every image left is
+    near its end; an image that is done leaves the batch."""
     spy, stats = FedWidths(tiny_backbone), SJDStats()
     prompts = ["a red robot on the beach, on the left", "a cup", "a blue ball", "a green tree on a hill"]
-    sample_image_body_sjd(spy, prompts, SamplingConfig.for_family("mini", **sjd(sjd_window=8), seed=3), stats=stats)
-    assert set(spy.widths[1:]) == {8 + 1}
+    cfg = SamplingConfig.for_family("mini", **sjd(sjd_window=8), seed=3)
+    sample_image_body_sjd(spy, prompts, cfg, stats=stats)
+    full = 8 + 1 + cfg.sjd_proactive  # the proactive branch beside the window
+    widths = spy.widths[1:]
+    assert widths[0] == full and widths == sorted(widths, reverse=True)
+    assert widths[-1] < full  # near the end, no columns for positions past the body
     assert len(set(stats.passes_per_image)) > 1  # the images did not finish together...
     assert stats.forward_passes == max(stats.passes_per_image)  # ...and none waited for another
 
@@ -289,6 +358,8 @@ def test_each_image_of_a_batch_advances_on_its_own(tiny_backbone):
     (dict(sjd_window=74), "--sjd-window"),
     (dict(sjd_init="left"), "--sjd-init"),
     (dict(sjd_coupling="optimal"), "--sjd-coupling"),
+    (dict(sjd_proactive=-1), "--sjd-proactive"),
+    (dict(sjd_proactive=74), "--sjd-proactive"),
 ])
 def test_bad_sjd_settings_are_refused(tiny_backbone, settings, message):
     with pytest.raises(UserError, match=message) as e:
@@ -306,11 +377,12 @@ def test_bad_sampling_settings_are_refused_by_sjd_too(tiny_backbone):
 def test_generate_with_the_sjd_sampler(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code, _, _ = run(capsys, "generate", "a red robot", "--model", str(tiny_model_dir), "-n", "2", "--out", str(out),
-                     "--sampler", "sjd", "--sjd-window", "8", "--sjd-init", "random", "--sjd-coupling", "gumbel")
+                     "--sampler", "sjd", "--sjd-window", "8", "--sjd-init", "random", "--sjd-coupling", "gumbel",
+                     "--sjd-proactive", "2")
     assert code == 0 and (out / "image-001.png").exists() and (out / "grid.png").exists()
     meta = json.loads((out / "generate.json").read_text())
     assert meta["sampler"] == "sjd" and meta["sjd_window"] == 8 and meta["sjd_init"] == "random"
-    assert meta["sjd_coupling"] == "gumbel"
+    assert meta["sjd_coupling"] == "gumbel" and meta["sjd_proactive"] == 2
     assert 0 < meta["forward_passes"] < 64  # plain sampling takes 64 passes for an 8 x 8 image
 
 
@@ -328,6 +400,8 @@ def test_the_plain_sampler_stays_the_default(tiny_model_dir, tmp_path, capsys):
     (["--sjd-init", "above"], "--sampler sjd"),
     (["--sampler", "sjd", "--sjd-coupling", "optimal"], "--sjd-coupling"),
     (["--sjd-coupling", "gumbel"], "--sampler sjd"),
+    (["--sampler", "sjd", "--sjd-proactive", "-2"], "--sjd-proactive"),
+    (["--sjd-proactive", "2"], "--sampler sjd"),
 ])
 def test_bad_sjd_flags_get_one_line_and_a_non_zero_exit(tiny_model_dir, tmp_path, capsys, extra, message):
     out = str(tmp_path / "o")

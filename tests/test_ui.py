@@ -513,10 +513,11 @@ def test_generate_reports_the_whole_clicks_time_with_the_base_models_side(ws, mo
     finished = subject_with_job(ws, "robot", state="done")
     (finished.folder / "adapter_config.json").write_text(json.dumps({"backbone": "mini", "class_name": "robot"}))
 
-    def slow_generate(models, workspace, model, subject, prompt, n, overrides):
+    def slow_generate(models, workspace, model, subject, prompt, n, overrides, quantize="none"):
         time.sleep(0.3)  # the drawing itself reports 0.01 s: loading and saving are the rest
         return [ws.root / f"{prompt}-{i}.png" for i in range(n)], {"seconds": 0.01, "seed": 0, "cfg_scale": 3.0,
-                                                                   "image_top_k": 10, "sampler": "plain"}
+                                                                   "image_top_k": 10, "sampler": "plain",
+                                                                   "quantize": quantize or "none"}
     monkeypatch.setattr(handlers, "generate", slow_generate)
     drawn = handlers.generate_images(quick_app(ws), "subject:robot", "a [V] robot", 2, 0, None, None, "plain", True)
     seconds = float(drawn.message.split(" in ")[1].split("s")[0])

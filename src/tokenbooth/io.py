@@ -4,6 +4,7 @@ long run whether its outputs can be written at all."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -18,20 +19,44 @@ def _umask() -> int:
     return mask
 
 
+class DiskFull(UserError):
+    """The disk filled up while `path` was being written (nothing half-written is left of it)."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"no space left on the device to write {path}")
+        self.path = Path(path)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC, however the writer reports it: an OSError, or a library's own error that only says it in words
+    (safetensors: "I/O error: No space left on device (os error 28)")."""
+    if isinstance(error, DiskFull) or (isinstance(error, OSError) and error.errno == errno.ENOSPC):
+        return True
+    return "No space left on device" in str(error) or "os error 28" in str(error)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path):
     """Yields a temporary path beside `path`; on success it replaces `path` in one rename. The file gets the
-    mode a plain open() would give it (0666 less the umask), not mkstemp's private 0600."""
+    mode a plain open() would give it (0666 less the umask), not mkstemp's (or safetensors') private 0600. A
+    full disk is raised as DiskFull, naming `path`, the temporary file removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        if is_disk_full(e):
+            raise DiskFull(path) from None
+        raise
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if is_disk_full(e) and not isinstance(e, DiskFull):
+            raise DiskFull(path) from None
         raise
 
 

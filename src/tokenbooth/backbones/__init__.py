@@ -1,8 +1,8 @@
 """Model families behind one protocol (`base.Backbone`), loaded by name or by path.
 
 A folder's config.json says which family reads it (model_type "chameleon": Lumina-mGPT and mini, "janus":
-Janus-Pro). Names load from the package (mini) or from the local Hugging Face cache (the published models);
-nothing is ever downloaded.
+Janus-Pro, "emu3": Emu3). Names load from the package (mini) or from the local Hugging Face cache (the published
+models); nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..assets import MINI_DIR
 from ..errors import UserError
-from . import chameleon, janus
+from . import chameleon, emu3, janus
 from .base import Backbone, ImageLayout  # noqa: F401 (the protocol, importable from the package)
 from .hf import read_config
 from .hub import cached_snapshot
@@ -25,17 +25,18 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def presets() -> dict[str, tuple[str, int]]:
     """Published checkpoints by name: (Hub repository, resolution)."""
-    return {**chameleon.PRESETS, **janus.PRESETS}
+    return {**chameleon.PRESETS, **janus.PRESETS, **emu3.PRESETS}
 
 
 def loaders() -> dict:
     """config.json model_type -> the family's loader."""
-    return {"chameleon": chameleon.load_chameleon, "janus": janus.load_janus}
+    return {"chameleon": chameleon.load_chameleon, "janus": janus.load_janus, "emu3": emu3.load_emu3,
+            emu3.ORIGINAL_MODEL_TYPE: emu3.refuse_original}
 
 
 def load_backbone(name_or_path: str, resolution: int | None = None, device: str | None = None,
                   dtype=None, quantize: str = "none") -> Backbone:
-    """`mini`, a published model's name (lumina-mgpt-7b-768, janus-pro-1b, ...) or a path to a model folder.
+    """`mini`, a published model's name (lumina-mgpt-7b-768, janus-pro-1b, emu3-gen, ...) or a path to a model folder.
 
     resolution: for a Lumina-mGPT folder whose name does not say it. device: None = the GPU if there is one,
     "auto" = layers spread over all GPUs. dtype: None = the checkpoint's own (bf16 for the published models).
@@ -65,7 +66,7 @@ def load_backbone(name_or_path: str, resolution: int | None = None, device: str 
     model_type = config.get("model_type")
     load = loaders().get(model_type)
     if load is None:
-        raise UserError(f"{folder} holds a {model_type!r} model; tokenbooth reads chameleon (Lumina-mGPT, mini) "
-                        f"and janus (Janus-Pro) checkpoints")
+        raise UserError(f"{folder} holds a {model_type!r} model; tokenbooth reads chameleon (Lumina-mGPT, mini), "
+                        f"janus (Janus-Pro) and emu3 (Emu3) checkpoints")
     return load(folder, name, dtype=dtype, resolution=resolution, device=device, quantize=quantize)
 

@@ -30,6 +30,9 @@ class FamilyDefaults:
     # toyworld; or a ViT folder.
     fidelity: str = "dino"
     sample_batch_size: int = DEFAULT_SAMPLE_BATCH_SIZE  # images `generate` draws at once (its --batch-size)
+    # The text of classifier-free guidance's unconditional row, in the prompt's template (Emu3); None: the
+    # family's own unconditional prefix (Lumina-mGPT: the image header alone; Janus-Pro: the prompt padded out).
+    negative_prompt: str | None = None
 
 
 # Sun et al. 2025, Sec. 4.1, on Lumina-mGPT 7B: stage 1 lr 0.01 for about 1500 steps, stage 2 lr 5e-6 for
@@ -62,6 +65,19 @@ FAMILIES: dict[str, FamilyDefaults] = {
                    compute_dtype="bfloat16"),
         sample=dict(cfg_scale=2.0, image_top_k=2000),
         fidelity="toydino",
+    ),
+    # Emu3-Gen (BAAI, 8B). Sampling as BAAI's README ("Quickstart", image_generation.py): classifier-free
+    # guidance 3.0 against its negative prompt, top-k 2048 (of 32,768 codes). Its "masterpiece, film grained,
+    # best quality." suffix is a prompt the user may write, not part of the model's template. Training: ours,
+    # published for no personalization of Emu3; the paper's Lumina-mGPT settings, by the same reasoning as for
+    # Janus-Pro (a Llama-style decoder of the same size trained with next-token cross-entropy on VQ codes).
+    # BAAI's own full fine-tuning (scripts/t2i_sft.sh) runs at lr 1e-5, the scale of the paper's stage 2 (5e-6).
+    "emu3": FamilyDefaults(
+        train=dict(PAPER.train),
+        sample=dict(cfg_scale=3.0, image_top_k=2048),
+        negative_prompt=("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, "
+                         "cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, "
+                         "username, blurry."),
     ),
 }
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..backbones.quantize import QUANTIZE
 from ..errors import UserError
 from ..eval.dreambench import RunSettings, run_dreambench
 from ..eval.dreambench_data import describe, read_dreambench
 from .common import (DEFAULT_MODEL, MODEL_HELP, add_sampler_flags, family_default, finite_float, positive_int,
                      sampling_overrides)
+from ..quiet import require_optional
 from .score import add_metric_flags
 
 
@@ -35,6 +37,9 @@ def add_parser(subparsers) -> None:
                    + family_default("sample", "cfg_scale"))
     b.add_argument("--top-k", type=int, help="image top-k; " + family_default("sample", "image_top_k"))
     add_sampler_flags(b)
+    b.add_argument("--quantize", choices=QUANTIZE, default="none",
+                   help="every subject on a base in 8 (int8) or 4 (nf4) bits: stage 2 trains LoRA over it (QLoRA) and "
+                        "its prompts are drawn on it (needs torchao; default: none)")
     for name in ("stage1_steps", "stage2_steps", "batch_size"):
         b.add_argument("--" + name.replace("_", "-"), type=int, help=family_default("train", name))
     add_metric_flags(b)
@@ -48,8 +53,11 @@ def run(args: argparse.Namespace) -> None:
                            cfg=args.cfg, top_k=args.top_k, placeholder=args.placeholder,
                            stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, batch_size=args.batch_size,
                            sampler=sampling["sampler"], sjd_window=args.sjd_window, sjd_init=args.sjd_init,
-                           sjd_coupling=args.sjd_coupling)
+                           sjd_coupling=args.sjd_coupling, sjd_proactive=args.sjd_proactive,
+                           quantize=args.quantize)
     settings.validate()
+    if args.quantize != "none" and not args.list:
+        require_optional("torchao", f"--quantize {args.quantize}")  # before the first subject trains
     if args.list:
         print(describe(read_dreambench(args.data, subjects), settings.placeholder), end="")
         return

@@ -16,12 +16,12 @@ from PIL import Image
 from .. import __version__
 from ..backbones.families import DEFAULT_MODEL, FAMILIES, family_defaults
 from ..backbones.quantize import QUANTIZE
-from ..errors import UserError, warn
+from ..errors import UserError
 from ..eval.score import SIDECAR
 from ..images import make_grid
 from ..io import atomic_save_image, atomic_write_json, check_can_create
 from ..personalize import load_adapter
-from ..personalize.adapter import LAYERS, LORA_DIR, read_adapter_config, warn_if_no_placeholder
+from ..personalize.adapter import sampling_quantization, warn_if_no_placeholder
 from ..quiet import require_optional
 from ..sampling import SamplingConfig, draw_in_batches
 from ..sampling.sampler import SamplingStats
@@ -67,24 +67,9 @@ def add_parser(subparsers) -> None:
 
 
 def base_quantization(quantize: str | None, adapter: Path | None) -> str:
-    """--quantize, checked against the adapter; without it, the adapter's training base ("says so").
-
-    A quantized base takes an adapter that only adds [V]'s embedding (the embedding table stays in full
-    precision). Q/K/V or LoRA weights would have to be merged into the layers before they are quantized, which
-    loading does not do yet: refused, before the model loads, and such an adapter (QLoRA's) samples on the
-    full-precision base by default."""
-    changed = [name for name in (LAYERS, LORA_DIR) if adapter is not None and (adapter / name).exists()]
-    if quantize is None:
-        trained = read_adapter_config(adapter).get("quantize", "none") if adapter is not None else "none"
-        if trained not in QUANTIZE or trained == "none" or changed:
-            return "none"
-        warn(f"sampling on a base quantized to {trained}, as adapter {adapter} was trained (--quantize none: full "
-             f"precision)")
-        return trained
-    if quantize != "none" and changed:
-        raise UserError(f"--quantize {quantize}: adapter {adapter} changes the base's layers ({changed[0]}), which "
-                        f"cannot be merged into a quantized base yet; sample it with --quantize none")
-    return quantize
+    """--quantize, checked against the adapter; without it, the adapter's training base ("says so"): the
+    library decides (personalize/adapter.py: `sampling_quantization`), for every command that samples."""
+    return sampling_quantization(quantize, adapter)
 
 
 def check_output(out: Path, names: list[str], overwrite: bool) -> None:

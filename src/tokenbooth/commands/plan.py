@@ -1,5 +1,7 @@
-"""`tokenbooth plan`: the peak GPU memory of each phase of a run, and given a budget the settings that fit,
-fastest first. No weights are read: the model is built from its shipped configuration with fake tensors."""
+"""`tokenbooth plan`: the peak GPU memory of each phase of a run (stage 1, stage 2, the validation pictures,
+generate at its batch), and given a budget the settings under which the whole run fits, fastest first, or
+the closest setting and what it needs. No weights are read: the model is built from its shipped
+configuration with fake tensors."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ from dataclasses import asdict
 from ..backbones.families import DEFAULT_MODEL
 from ..errors import UserError
 from ..personalize.config import TrainConfig, check_train_values
-from ..plan import (RunSettings, describe, fitting_settings, parse_size, plan_memory, relative_time,
-                    unavailable_choices)
+from ..backbones.quantize import QUANTIZE
+from ..plan import (RunSettings, closest_run, describe, describe_sampling, parse_size, plan_memory, relative_time,
+                    unavailable_choices, whole_run_fits)
 from ..plan.blueprints import blueprint
+from ..plan.phases import can_sample_quantized
 from ..plan.tracker import ALLOCATOR_RESERVE, fake_run
 from ..sampling import SamplingConfig
 
@@ -20,12 +24,13 @@ GB = 1e9
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("plan", help="peak GPU memory of training and sampling, before downloading anything",
-                              description="Peak GPU memory of each phase of a run (stage 1, stage 2, sampling with "
-                                          "CFG, sampling with SJD), measured on fake tensors; with --gpu-memory, "
-                                          "the settings that fit, fastest first.")
+                              description="Peak GPU memory of each phase of a run (stage 1, stage 2, the "
+                                          "validation pictures, generate's sampling with CFG and with SJD), "
+                                          "measured on fake tensors; with --gpu-memory, the training and "
+                                          "generate settings under which the whole run fits, fastest first.")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"mini, lumina-mgpt-7b-512|768|1024, janus-pro-1b|7b, or a model folder with a config.json "
-                        f"(default: {DEFAULT_MODEL})")
+                   help=f"mini, lumina-mgpt-7b-512|768|1024, janus-pro-1b|7b, emu3-gen, or a model folder with a "
+                        f"config.json (default: {DEFAULT_MODEL})")
     p.add_argument("--resolution", type=int, help="image size (Lumina-mGPT: the preset's by default)")
     p.add_argument("--gpu-memory", metavar="SIZE", help="the GPU's memory, e.g. 24GB or 80GiB")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -39,9 +44,14 @@ def add_parser(subparsers) -> None:
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--quantize", help="frozen base in none, int8 or nf4 (default: none)")
     t.add_argument("--optimizer", help="adamw or adamw8bit (default: adamw)")
+    t.add_argument("--validation-prompts", type=int, default=4, metavar="N",
+                   help="validation prompts the run draws (train's --validation-prompt flags; 0: none; default: 4)")
     s = p.add_argument_group("sampling (as `tokenbooth generate`)")
-    s.add_argument("-n", "--num-images", type=int, default=4,
+    s.add_argument("-n", "--num-images", "--sample-batch-size", type=int, default=4,
                    help="images drawn at once (generate's --batch-size; default: 4)")
+    s.add_argument("--sample-quantize", choices=QUANTIZE,
+                   help="the base's bits when sampling (generate's --quantize; default: what generate picks for the "
+                        "adapter: the training base's for [V] and LoRA, full precision after full Q/K/V)")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale (1.0: no unconditional rows)")
     s.add_argument("--sjd-window", type=int, metavar="L", help="draft tokens per SJD pass")
     p.set_defaults(run=run)
@@ -59,7 +69,13 @@ def settings_from_args(args, family: str):
     sample.validate()
     if args.num_images < 1:
         raise UserError(f"--num-images must be >= 1 (got {args.num_images})")
-    return RunSettings(train=train, sample=sample, num_images=args.num_images)
+    if args.validation_prompts < 0:
+        raise UserError(f"--validation-prompts must be >= 0 (got {args.validation_prompts})")
+    if args.sample_quantize not in (None, "none") and not can_sample_quantized(train):
+        raise UserError(f"--sample-quantize {args.sample_quantize}: the adapter of --layers {train.layers} changes "
+                        f"whole layer weights, which generate draws on the full-precision base only")
+    return RunSettings(train=train, sample=sample, num_images=args.num_images, sample_quantize=args.sample_quantize,
+                       validation_prompts=args.validation_prompts)
 
 
 def run(args) -> None:
@@ -72,20 +88,25 @@ def run(args) -> None:
     settings = settings_from_args(args, family)
     cache: dict = {}  # phase figures, shared: the user's own settings are the first candidate
     plan = plan_memory(args.model, settings, resolution=args.resolution, cache=cache)
-    fitting = fitting_settings(args.model, settings, budget, args.resolution, cache=cache) if budget is not None else []
+    fitting = whole_run_fits(args.model, settings, budget, args.resolution, cache=cache) if budget is not None else []
     if budget is not None and not fitting:
-        raise UserError(f"nothing fits {args.gpu_memory}: training with {describe(settings)} needs "
-                        f"{plan.peak_bytes / GB:.1f} GB, and no leaner setting tried (checkpointing, micro-batches, "
-                        f"8-bit AdamW, QLoRA) gets under {(budget - ALLOCATOR_RESERVE) / GB:.1f} GB")
+        closest = closest_run(args.model, settings, args.resolution, cache=cache)
+        raise UserError(f"nothing fits {args.gpu_memory}: the closest whole run, train {describe(closest.settings)} "
+                        f"with {closest.settings.validation_prompts} validation prompt(s) then generate "
+                        f"{describe_sampling(closest.settings)}, needs {closest.peak_bytes / GB:.1f} GB at its peak "
+                        f"({peak_phase(closest)}), +{ALLOCATOR_RESERVE / GB:.1f} GB for the CUDA context")
     if args.json:
         out = plan.to_json(budget)
         out["budget_bytes"] = budget
-        out["fitting"] = [{"flags": describe(p.settings), "peak_bytes": p.peak_bytes,
+        out["settings"] = {"train": describe(settings), "generate": describe_sampling(settings),
+                           "validation_prompts": settings.validation_prompts}
+        out["fitting"] = [{"flags": describe(p.settings), "generate_flags": describe_sampling(p.settings),
+                           "peak_bytes": p.peak_bytes,
                            "phases": {k: {"peak_bytes": v.peak_bytes} for k, v in p.phases.items()}} for p in fitting]
         print(json.dumps(out, indent=2))
         return
-    print(f"{args.model}: {describe(settings)}, {settings.num_images} image(s) per sampling batch "
-          f"(CFG {settings.sample.cfg_scale:g}, SJD window {settings.sample.sjd_window})")
+    print(f"{args.model}: train {describe(settings)}, {settings.validation_prompts} validation prompt(s); generate "
+          f"{describe_sampling(settings)} (CFG {settings.sample.cfg_scale:g}, SJD window {settings.sample.sjd_window})")
     for name, phase in plan.phases.items():
         print(f"  {name:<14} {phase.peak_bytes / GB:7.2f} GB")
     line = f"  {'peak':<14} {plan.peak_bytes / GB:7.2f} GB (+{ALLOCATOR_RESERVE / GB:.1f} GB for the CUDA context and allocator)"
@@ -97,6 +118,13 @@ def run(args) -> None:
               f"(pip install 'tokenbooth[lean]')")
     if fitting:
         fastest = relative_time(fitting[0])
-        print(f"training settings that fit {args.gpu_memory}, fastest first (step time relative to the first):")
+        print(f"whole runs that fit {args.gpu_memory}, fastest training first (step time relative to the first; "
+              f"peak over every phase):")
         for p in fitting:
-            print(f"  {p.peak_bytes / GB:6.2f} GB  x{relative_time(p) / fastest:4.2f}  {describe(p.settings)}")
+            print(f"  {p.peak_bytes / GB:6.2f} GB  x{relative_time(p) / fastest:4.2f}  train {describe(p.settings)}; "
+                  f"generate {describe_sampling(p.settings)}")
+
+
+def peak_phase(plan) -> str:
+    """The phase at the plan's peak."""
+    return max(plan.phases, key=lambda name: plan.phases[name].peak_bytes)

@@ -19,8 +19,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "workspace). Open the printed address in a browser.")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"the backbone selected by default (default: {DEFAULT_MODEL}). mini is always offered; "
-                        "published models (lumina-mgpt-7b-512|768|1024, janus-pro-1b|7b) are offered when their "
-                        "files are in the Hugging Face cache; a model folder path is added to the list")
+                        "published models (lumina-mgpt-7b-512|768|1024, janus-pro-1b|7b, emu3-gen) are offered when "
+                        "their files are in the Hugging Face cache; a model folder path is added to the list")
     p.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE,
                    help=f"folder for subjects (adapter folders: subjects/NAME, also readable by `tokenbooth "
                         f"generate --adapter`), generated images and zips; created if missing; one server per "

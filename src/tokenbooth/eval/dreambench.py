@@ -39,8 +39,10 @@ from .. import __version__, backbones
 from ..errors import UserError
 from ..images import labeled_rows
 from ..io import atomic_save_image, atomic_write_json, check_can_create
-from ..personalize import TrainConfig, check_class_name, load_adapter, load_reference_images, train
+from ..backbones.quantize import QUANTIZE
+from ..personalize import TrainConfig, check_class_name, load_reference_images, train
 from ..personalize.adapter import CONFIG as ADAPTER_CONFIG
+from ..personalize.adapter import load_for_sampling
 from ..personalize.checks import check_training_fits
 from ..personalize.config import check_train_values
 from ..personalize.placeholder import PLACEHOLDER, remove_placeholder
@@ -71,11 +73,17 @@ class RunSettings:
     sjd_window: int | None = None
     sjd_init: str | None = None
     sjd_coupling: str | None = None
+    sjd_proactive: int | None = None
+    # "int8" or "nf4": every subject trains QLoRA (stage 2 LoRA over the quantized base) and draws on that base,
+    # as `demo --quantize` does, so a card that holds the quantized model runs the whole benchmark
+    quantize: str = "none"
 
     def validate(self) -> None:
         """Refuses what no backbone could use, before any model loads."""
         if self.images_per_prompt < 1:
             raise UserError(f"--images-per-prompt must be >= 1 (got {self.images_per_prompt})")
+        if self.quantize not in QUANTIZE:
+            raise UserError(f"--quantize must be one of {', '.join(QUANTIZE)} (got {self.quantize!r})")
         check_sampling_values({"cfg_scale": self.cfg, "image_top_k": self.top_k})
         check_train_values({"placeholder": self.placeholder, "stage1_steps": self.stage1_steps,
                             "stage2_steps": self.stage2_steps, "batch_size": self.batch_size})
@@ -83,13 +91,16 @@ class RunSettings:
 
 def sampling_config(settings: RunSettings, family: str, prompt_index: int = 0) -> SamplingConfig:
     given = {"cfg_scale": settings.cfg, "image_top_k": settings.top_k, "sjd_window": settings.sjd_window,
-             "sjd_init": settings.sjd_init, "sjd_coupling": settings.sjd_coupling}
+             "sjd_init": settings.sjd_init, "sjd_coupling": settings.sjd_coupling,
+             "sjd_proactive": settings.sjd_proactive}
     return SamplingConfig.for_family(family, seed=settings.seed + prompt_index, sampler=settings.sampler,
                                      **{k: v for k, v in given.items() if v is not None})
 
 
 def train_config(settings: RunSettings, family: str, class_name: str) -> TrainConfig:
     given = {name: getattr(settings, name) for name in ("stage1_steps", "stage2_steps", "batch_size")}
+    if settings.quantize != "none":  # full Q/K/V cannot be trained on, nor drawn on, a quantized base
+        given.update(layers="lora", quantize=settings.quantize)
     cfg = TrainConfig.for_family(family, class_name=class_name, placeholder=settings.placeholder, seed=settings.seed,
                                  **{k: v for k, v in given.items() if v is not None})
     cfg.validate()
@@ -167,7 +178,7 @@ def run_subject(bench: DreamBench, subject: Subject, settings: RunSettings, scor
     train_seconds = time.time() - t0
 
     t0 = time.time()
-    personalized = load_adapter(backbones.load_backbone(settings.model), adapter)
+    personalized, _ = load_for_sampling(settings.model, adapter, settings.quantize)
     prompts = bench.prompts(subject, settings.placeholder)
     drawn = draw_prompts(personalized, prompts, settings, folder, subject.name)
     generate_seconds = time.time() - t0
@@ -188,7 +199,7 @@ def personalize_subject(subject: Subject, settings: RunSettings, adapter: Path) 
     """The subject's adapter, trained (or resumed from its last checkpoint) unless already whole."""
     if (adapter / ADAPTER_CONFIG).is_file():
         return
-    backbone = backbones.load_backbone(settings.model)
+    backbone = backbones.load_backbone(settings.model, quantize=settings.quantize)
     cfg = train_config(settings, backbone.family, subject.class_name)
     images = load_reference_images(subject.folder, backbone.resolution)
     train(backbone, images, cfg, adapter, resume=latest_checkpoint(adapter) is not None)

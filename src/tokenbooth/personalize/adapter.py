@@ -10,6 +10,10 @@
 
 adapter_config.json is written last: a folder without it is not an adapter, so an interrupted save never
 looks like a finished one.
+
+Loaded onto a full-precision base, LoRA is merged into the weights; onto a quantized one (`--quantize`, and by
+default for an adapter trained on one: `sampling_quantization`) it stays unmerged, as QLoRA trained it. Full
+layer tensors are refused on a quantized base.
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
+from ..backbones.quantize import QUANTIZE, is_quantized
 from ..errors import UserError, warn
 from ..io import atomic_path, atomic_write_json, read_json_object
+from ..quiet import require_optional
 from ..sampling.processors import DISTRIBUTION, check_sampling_values
 
 CONFIG = "adapter_config.json"
@@ -167,13 +174,20 @@ def load_adapter(backbone, folder: Path) -> PersonalizedBackbone:
     for name, tensor in layers.items():
         if name not in params or params[name].shape != tensor.shape:
             raise UserError(f"adapter tensor {name} does not fit {backbone.name}")
-    deltas = _lora_deltas(params, lora, lora_cfg, folder) if lora else {}
+    quantized = [name for name in layers if is_quantized(params[name])]
+    if quantized:
+        raise UserError(f"adapter {folder} replaces {quantized[0]}, which this base holds quantized: "
+                        + FULL_LAYERS_ON_QUANTIZED)
+    pairs = _lora_pairs(params, lora, lora_cfg, folder) if lora else {}
     with torch.no_grad():
         table[[token_id for _, token_id in rows]] = embedding.reshape(len(rows), -1).to(table.device, table.dtype)
         for name, tensor in layers.items():
             params[name].copy_(tensor.to(params[name].dtype))
-        for name, delta in deltas.items():
-            params[name] += delta.to(params[name].device, params[name].dtype)
+        for name, (scale, a, b) in pairs.items():
+            if is_quantized(params[name]):  # kept apart, as QLoRA trained it (a merge would round it away)
+                _add_low_rank(backbone.model, name.removesuffix(".weight"), scale, a, b)
+            else:  # merged into W: sampling then runs at base-model speed
+                params[name] += (scale * (b.float() @ a.float())).to(params[name].device, params[name].dtype)
     return PersonalizedBackbone(backbone, cfg["placeholder"], cfg["placeholder_token"], recorded_sampling(cfg))
 
 
@@ -190,13 +204,13 @@ def _read_weights(folder: Path) -> tuple[dict, dict, dict, dict]:
     return embeds, layers, lora, lora_cfg
 
 
-def _lora_deltas(params: dict, tensors: dict, lora_cfg: dict, folder: Path) -> dict:
-    """(alpha / r) * B @ A for every adapted projection, merged into W: sampling then runs at base-model speed."""
+def _lora_pairs(params: dict, tensors: dict, lora_cfg: dict, folder: Path) -> dict:
+    """{adapted weight's name: (alpha / r, A, B)}: W + (alpha / r) * B @ A for every adapted projection."""
     try:
         scale = float(lora_cfg["lora_alpha"]) / float(lora_cfg["r"])
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         raise UserError(f"adapter {folder}: the LoRA config lacks a usable lora_alpha and r") from None
-    deltas = {}
+    pairs = {}
     for key, a in tensors.items():
         if ".lora_A." not in key:
             continue
@@ -207,8 +221,70 @@ def _lora_deltas(params: dict, tensors: dict, lora_cfg: dict, folder: Path) -> d
             raise UserError(f"LoRA target {module} does not exist in this model")
         if b is None or a.dim() != 2 or b.dim() != 2 or (b.shape[0], a.shape[1]) != weight.shape or b.shape[1] != a.shape[0]:
             raise UserError(f"adapter {folder}: the LoRA tensors of {module} do not fit {tuple(weight.shape)}")
-        deltas[module + ".weight"] = scale * (b.float() @ a.float())
-    return deltas
+        pairs[module + ".weight"] = (scale, a, b)
+    return pairs
+
+
+class LowRankAdded(torch.nn.Module):
+    """A frozen (quantized) Linear plus an unmerged low-rank update: base(x) + scale * (x @ A.T) @ B.T, the
+    forward pass QLoRA trained the update in."""
+
+    def __init__(self, base: torch.nn.Module, scale: float, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.base, self.scale = base, scale
+        dtype = base.bias.dtype if getattr(base, "bias", None) is not None else torch.get_default_dtype()
+        device = base.weight.device
+        self.lora_A = torch.nn.Parameter(a.to(device, dtype), requires_grad=False)
+        self.lora_B = torch.nn.Parameter(b.to(device, dtype), requires_grad=False)
+
+    def forward(self, x):
+        low = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return self.base(x) + self.scale * low
+
+
+def _add_low_rank(model: torch.nn.Module, module: str, scale: float, a: torch.Tensor, b: torch.Tensor) -> None:
+    parent, _, child = module.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    setattr(owner, child, LowRankAdded(getattr(owner, child), scale, a, b))
+
+
+# Why full layer tensors (Q/K/V, or named weights) do not go onto a quantized base: stage 2 moves them by far less
+# than a 4- or 8-bit step (lr 5e-6 for 70 steps), so quantizing the trained tensors gives back the base's.
+FULL_LAYERS_ON_QUANTIZED = ("stage 2 moved those weights by less than a quantization step, so quantizing them "
+                            "would undo it; sample it with --quantize none (LoRA and [V] adapters can be drawn on a "
+                            "quantized base)")
+
+
+def sampling_quantization(asked: str | None, folder: Path | None) -> str:
+    """The base's bits for sampling with the adapter in `folder` (None: none): `asked` (a --quantize flag),
+    checked against the adapter; without it, the bits the adapter trained on, said in one stderr line, where
+    the adapter can be drawn on them ([V], LoRA kept unmerged); full layer tensors: the full-precision base."""
+    full_layers = folder is not None and (Path(folder) / LAYERS).exists()
+    if asked is None:
+        trained = read_adapter_config(folder).get("quantize", "none") if folder is not None else "none"
+        if trained not in QUANTIZE or trained == "none" or full_layers:
+            return "none"
+        warn(f"sampling on a base quantized to {trained}, as adapter {folder} was trained (--quantize none: full "
+             f"precision)")
+        return trained
+    if asked != "none" and full_layers:
+        raise UserError(f"--quantize {asked}: adapter {folder} replaces whole layer weights ({LAYERS}); "
+                        + FULL_LAYERS_ON_QUANTIZED)
+    return asked
+
+
+def load_for_sampling(model: str, adapter: Path | None = None, quantize: str | None = None, **load):
+    """What a command that only draws (the demo, DreamBench, the web app) samples from: the base in the bits
+    `sampling_quantization` picks for the adapter (quantized on the CPU through backbones/quantize.py, as
+    `generate --quantize` and `train --quantize` load it), the adapter on it. load: load_backbone's options.
+    Returns (backbone, bits)."""
+    from ..backbones import load_backbone  # the loaders import transformers: only where a model is loaded
+
+    bits = sampling_quantization(quantize, adapter)
+    if bits != "none":
+        require_optional("torchao", f"--quantize {bits}")
+    backbone = load_backbone(model, quantize=bits, **load)
+    return (load_adapter(backbone, adapter) if adapter is not None else backbone), bits
 
 
 def warn_if_no_placeholder(prompt: str, placeholder: str) -> None:

@@ -24,7 +24,7 @@ from ..io import atomic_save_image, atomic_write_json, check_can_create
 from ..sampling import SamplingConfig, check_sampler, draw
 from ..toyworld import demo_subject
 from . import run_folder
-from .adapter import load_adapter
+from .adapter import load_for_sampling
 from .config import TrainConfig
 from .data import load_reference_images
 from .recipe import train
@@ -57,9 +57,13 @@ PROMPTS = (
 Judge = Callable[[list[dict]], dict]
 
 
-def make_demo(out: Path, seed: int = 0, overwrite: bool = False, judge: Judge | None = None, **sampling) -> Path:
+def make_demo(out: Path, seed: int = 0, overwrite: bool = False, judge: Judge | None = None, model: str | None = None,
+              quantize: str = "none", **sampling) -> Path:
     """Personalizes mini on the bundled robot into OUT/adapter, draws OUT/demo.png and writes OUT/demo.json (the
     settings, and the judge's figures when a judge is given); returns the grid's path.
+    model: a folder of another mini (a candidate being judged before it ships); default: the bundled one.
+    quantize: "int8" or "nf4" for the whole demo on a quantized base (stage 2 then trains LoRA over it, QLoRA,
+    and every row is drawn on it, as `generate --quantize` draws).
     sampling: SamplingConfig fields over mini's defaults (backbones/families.py), e.g. sampler="sjd"."""
     out = Path(out)
     adapter_dir, grid_path = out / "adapter", out / "demo.png"
@@ -67,12 +71,14 @@ def make_demo(out: Path, seed: int = 0, overwrite: bool = False, judge: Judge | 
         raise UserError(f"{out} already holds a demo; pass --overwrite or choose another --out")
     check_can_create(out, "output folder", folder=True)
     t0 = time.time()
-    base = load_backbone(MODEL)
+    model = model or MODEL
+    base = load_backbone(model)
     sampling = SamplingConfig.for_family(base.family, **{"seed": seed, **sampling})
     sampling.validate()
     check_sampler(sampling, base.layout.body_length)
     references = load_reference_images(demo_subject.FOLDER, base.resolution)
-    cfg = TrainConfig.for_family(base.family, class_name=demo_subject.CLASS_NAME, seed=seed)
+    lean = {"layers": "lora", "quantize": quantize} if quantize != "none" else {}  # Q/K/V cannot train on it
+    cfg = TrainConfig.for_family(base.family, class_name=demo_subject.CLASS_NAME, seed=seed, **lean)
     if overwrite:
         shutil.rmtree(adapter_dir, ignore_errors=True)
     print(f"1/2 personalizing mini on {len(references)} pictures of a robot it has never seen "
@@ -81,18 +87,18 @@ def make_demo(out: Path, seed: int = 0, overwrite: bool = False, judge: Judge | 
     train_seconds = time.time() - t0
 
     print(f"2/2 drawing the comparison grid (guidance {sampling.cfg_scale}, {sampling.sampler} sampler)")
-    untouched = load_backbone(MODEL)
-    personalized = load_adapter(load_backbone(MODEL), adapter_dir)
+    untouched, _ = load_for_sampling(model, None, quantize)
+    personalized, _ = load_for_sampling(model, adapter_dir, quantize)
     rows = [(REFERENCES_LABEL, references)]
     for prompt in PROMPTS:
-        model = personalized if prompt.personalized else untouched
-        rows.append((prompt.label, draw(model, [prompt.text] * IMAGES_PER_ROW, sampling, progress=True).images))
+        drawer = personalized if prompt.personalized else untouched
+        rows.append((prompt.label, draw(drawer, [prompt.text] * IMAGES_PER_ROW, sampling, progress=True).images))
     atomic_save_image(labeled_rows(rows), grid_path)
     # judged after the grid is saved: reading the cells changes no pixel of it
     figures = judge(judged_rows(rows)) if judge is not None else None
     atomic_write_json(out / "demo.json", {
-        "subject": demo_subject.SUBJECT.key, "prompts": [p.text for p in PROMPTS], "seed": seed,
-        "sampling": sampling.to_dict(), "training": asdict(cfg),
+        "subject": demo_subject.SUBJECT.key, "model": str(model), "prompts": [p.text for p in PROMPTS], "seed": seed,
+        "sampling": sampling.to_dict(), "quantize": quantize, "training": asdict(cfg),
         "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t0, 1),
         **({"reader": figures} if figures is not None else {}),
     })

@@ -20,6 +20,8 @@ variant, kept for the ablation: the layers absorb the subject and [V] stays unde
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..io import DiskFull, is_disk_full
 from . import adapter as adapter_files
 from . import run_folder
 from .checks import check_class_name, check_run, check_training_fits  # noqa: F401 (re-exported)
@@ -41,7 +44,8 @@ from .placeholder import Placeholder
 from .run_folder import FIDELITY_LOG, RUN_FILE, RunState, latest_checkpoint, read_run  # noqa: F401 (re-exported)
 from .sharded import Sharding, clip_gradients, full, load_optimizer, whole_optimizer_state
 from .targets import prepare_layers, select_layer_params, train_layers, trains_layers  # noqa: F401
-from .validation import FidelityScorer, Scorer, log_fidelity, render_validation, write_loss_plot
+from .validation import (FidelityScorer, Scorer, announce_validation_base, log_fidelity, render_validation,
+                         write_loss_plot)
 
 _autocast_for = autocast_for  # its name where plan/phases.py, tests and benchmarks import it
 
@@ -91,13 +95,19 @@ def train(backbone, images, cfg: TrainConfig, out: Path, resume: bool = False, p
     used when resuming: `out` already holds a copy.
     fidelity_scorer: (backbone, references) -> score(pictures), for the validation pictures' fidelity.jsonl
     (eval.fidelity.fidelity_scorer, the family's DINO-role encoder); None: the pictures are drawn, not scored."""
-    run = setup(backbone, images, cfg, Path(out), resume, source, sharding, stage1_from, fidelity_scorer)
-    for stage_index, (stage, steps) in enumerate(cfg.plan):
-        if stage_index < run.state.stage_index:
-            continue  # trained before this run was resumed
-        if not train_stage(run, stage_index, stage, steps, progress, stop_after):
-            return run.out  # stopped at stop_after, as an interruption would
-    finish(run)
+    run = None
+    try:
+        run = setup(backbone, images, cfg, Path(out), resume, source, sharding, stage1_from, fidelity_scorer)
+        for stage_index, (stage, steps) in enumerate(cfg.plan):
+            if stage_index < run.state.stage_index:
+                continue  # trained before this run was resumed
+            if not train_stage(run, stage_index, stage, steps, progress, stop_after):
+                return run.out  # stopped at stop_after, as an interruption would
+        finish(run)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise disk_full(Path(out), cfg, run, e) from None
     return run.out
 
 
@@ -131,6 +141,8 @@ def setup(backbone, images, cfg: TrainConfig, out: Path, resume: bool, source: d
         run_folder.truncate_log(out / run_folder.FIDELITY_LOG, state.global_step)
     # only the process that writes files scores (log_fidelity does nothing without a scorer)
     fidelity = fidelity_scorer(backbone, images) if fidelity_scorer and cfg.validation_prompts and main else None
+    if main:
+        announce_validation_base(cfg)
     return Run(backbone, cfg, out, sharding, main, generator, placeholder, codes, prior, lora_config, layer_params,
                state, saved, autocast, fidelity)
 
@@ -291,4 +303,57 @@ def save_final_adapter(run: Run) -> None:
     layer_tensors = {k: v.to(dtype) for k, v in whole.items()} if trained_layers and run.lora_config is None else None
     lora = (run.lora_config, whole) if trained_layers and run.lora_config is not None else None
     if run.main:
-        adapter_files.save_adapter(run.out, config, placeholder.embedding, layer_tensors, lora)
+        write_adapter_whole(run.out, lambda folder: adapter_files.save_adapter(folder, config, placeholder.embedding,
+                                                                        layer_tensors, lora))
+
+
+ADAPTER_TMP = ".adapter.tmp"  # in the run folder: the adapter's files while they are written
+
+
+def write_adapter_whole(out: Path, save: Callable[[Path], None]) -> None:
+    """The adapter's files appear in `out` together or not at all: `save` writes them into a folder beside,
+    then each is renamed into place, adapter_config.json (what makes the folder an adapter) last. Renaming
+    takes no room, so a full disk stops `save`, and leaves nothing of the adapter behind."""
+    tmp = out / ADAPTER_TMP
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for entry in sorted(tmp.iterdir(), key=lambda p: p.name == adapter_files.CONFIG):
+        target = out / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    tmp.rmdir()
+
+
+# Validation pictures, the loss plot and the logs of a run: a few MB at most
+PICTURES_AND_LOGS = 5_000_000
+
+
+def room_needed(out: Path, cfg: TrainConfig, run: Run | None) -> int:
+    """Roughly what the run still writes from its last complete checkpoint on: its checkpoints (each the
+    trained tensors and AdamW's two moments of them, in fp32; or the size of the last one, if larger), the
+    adapter, pictures and logs."""
+    trained = 0 if run is None else (run.placeholder.embedding.numel()
+                                     + sum(p.numel() for p in run.layer_params.values()))
+    checkpoint = max(run_folder.checkpoint_bytes(out), 3 * 4 * trained)
+    last = latest_checkpoint(out)
+    done = int(last.name.split("-")[1]) if last is not None else 0
+    left = max(sum(steps for _, steps in cfg.plan) - done, 0)
+    checkpoints = left // cfg.checkpointing_steps + 2  # along the way, the end of stage 1, the last one
+    return checkpoints * checkpoint + 4 * trained + PICTURES_AND_LOGS
+
+
+def disk_full(out: Path, cfg: TrainConfig, run: Run | None, error: Exception) -> UserError:
+    """One line for a run the disk stopped: what could not be written, about how much room it needs, how to
+    go on."""
+    what = error.path if isinstance(error, DiskFull) else (getattr(error, "filename", None) or f"a file in {out}")
+    shutil.rmtree(out / ADAPTER_TMP, ignore_errors=True)
+    last = latest_checkpoint(out)
+    start = f"from its last complete checkpoint, {last.relative_to(out)}" if last else "from the start"
+    return UserError(f"no space left on the device: could not write {what}; the run needs about "
+                     f"{room_needed(out, cfg, run) / 1e6:,.0f} MB free there to finish. Free it and run the same "
+                     f"command with --resume: it goes on {start}")

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from ..io import atomic_path, atomic_write_json, read_json_object, read_jsonl
+from ..io import DiskFull, atomic_path, atomic_write_json, is_disk_full, read_json_object, read_jsonl
 from . import adapter as adapter_files
 from .config import STAGE1, STAGE1_SETTINGS, TrainConfig
 
@@ -85,15 +85,28 @@ def _with_source(saved: dict) -> dict:
 # --- logs and pictures -------------------------------------------------------------------------------------
 
 def append_record(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        if is_disk_full(e):  # a line cut short is dropped on resume (truncate_log)
+            raise DiskFull(path) from None
+        raise
 
 
 def truncate_log(path: Path, last_step: int) -> None:
     """Drops the records past `last_step`: an interrupted run may have logged past its last checkpoint."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+        kept = [line for line in path.read_text().splitlines() if _step(line) is not None and _step(line) <= last_step]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def _step(line: str) -> int | None:
+    """A log line's step; None for a line cut short (the disk filled up while it was appended)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def validation_picture(out: Path, step: int | None) -> Path:
@@ -120,16 +133,29 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def write_checkpoint(out: Path, state: RunState, tensors: dict, saved_state: dict) -> None:
-    """checkpoints/step-N/, complete or not at all: written beside, then renamed."""
+    """checkpoints/step-N/, complete or not at all: written beside, then renamed (a failed write, a full disk,
+    leaves nothing of it; the files follow the umask, as the run's others do)."""
     final = checkpoint_folder(out, state.global_step)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TRAINABLE))
-    torch.save(saved_state, tmp / STATE)
-    atomic_write_json(tmp / PROGRESS, asdict(state))
+    try:
+        tmp.mkdir(parents=True)
+        with atomic_path(tmp / TRAINABLE) as path:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        with atomic_path(tmp / STATE) as path:
+            torch.save(saved_state, path)
+        atomic_write_json(tmp / PROGRESS, asdict(state))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the room it took is given back
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+
+
+def checkpoint_bytes(out: Path) -> int:
+    """The size on disk of the run's latest checkpoint (0 where there is none)."""
+    latest = latest_checkpoint(out)
+    return sum(f.stat().st_size for f in latest.iterdir() if f.is_file()) if latest else 0
 
 
 def read_checkpoint(folder: Path) -> tuple[dict, dict, RunState]:

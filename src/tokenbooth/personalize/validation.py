@@ -13,9 +13,11 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from ..backbones.families import family_defaults
+from ..errors import warn
 from ..images import line_plot, make_grid
 from ..io import atomic_save_image, read_jsonl
-from ..sampling import draw
+from ..sampling import draw_in_batches
 from . import run_folder
 from .adapter import PersonalizedBackbone
 from .config import TrainConfig, sampling_config
@@ -28,10 +30,19 @@ Scorer = Callable[[list], tuple[float, str]]
 FidelityScorer = Callable[[object, list], "Scorer | None"]
 
 
+def announce_validation_base(cfg: TrainConfig) -> None:
+    """One stderr line where the validation pictures are drawn on a quantized base: the model as it trains
+    (QLoRA's LoRA over its 4- or 8-bit layers), as `generate` then draws the adapter by default."""
+    if cfg.quantize != "none" and cfg.validation_prompts:
+        warn(f"validation pictures are drawn on the base quantized to {cfg.quantize} that the run trains on, as "
+             f"generate will draw the adapter unless told --quantize none")
+
+
 @torch.no_grad()
 def render_validation(backbone, placeholder: Placeholder, cfg: TrainConfig, path: Path, write: bool = True) -> list:
     """A small grid of the validation prompts with the current [V], drawn without touching training state
-    (in a sharded run every process draws, in step, and the first writes)."""
+    (in a sharded run every process draws, in step, and the first writes), at most the family's sampling batch
+    at a time (`tokenbooth plan` plans that batch in the middle of training)."""
     table = backbone.input_embeddings().weight
     original = table[placeholder.token_ids].clone()
     table[placeholder.token_ids] = placeholder.rows.to(table.dtype)
@@ -39,8 +50,11 @@ def render_validation(backbone, placeholder: Placeholder, cfg: TrainConfig, path
     backbone.model.eval()
     try:
         personalized = PersonalizedBackbone(backbone, placeholder.text, placeholder.token)
+        batch = family_defaults(backbone.family).sample_batch_size  # memory as generate's default batch
         with autocast_for(backbone)():  # trained layers are fp32 copies inside a bf16 model
-            images = draw(personalized, cfg.validation_prompts, sampling_config(backbone, cfg)).images
+            images = [image for drawing in draw_in_batches(personalized, cfg.validation_prompts,
+                                                           sampling_config(backbone, cfg), batch)
+                      for image in drawing.images]
     finally:
         table[placeholder.token_ids] = original
         for module in training:

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field, replace
 from ..errors import UserError
 from ..personalize import lean
 from .blueprints import blueprint, num_layers
-from .phases import RunSettings, quantize_base, sampling_phase, train_phase
+from .phases import RunSettings, can_sample_quantized, quantize_base, sampling_phase, train_phase, validation_phase
 from .tracker import ALLOCATOR_RESERVE, fake_run
 
 STAGE_PHASES = {"embedding": "stage1", "layers": "stage2", "joint": "joint"}
+VALIDATION = "validation"
 SAMPLING_PHASES = ("sampling-cfg", "sampling-sjd")
 GB = 1e9
 
@@ -62,6 +63,8 @@ def run_phase(backbone, phase: str, settings: RunSettings) -> None:
         sampling_phase(backbone, settings, window=1)
     elif phase == "sampling-sjd":
         sampling_phase(backbone, settings, window=settings.sample.sjd_window)
+    elif phase == VALIDATION:
+        validation_phase(backbone, settings)
     else:
         stage = {v: k for k, v in STAGE_PHASES.items()}[phase]
         train_phase(backbone, stage, settings)
@@ -74,11 +77,16 @@ def measure(model: str, phase: str, settings: RunSettings, resolution: int | Non
     settings = copy.deepcopy(settings)  # the recipe's pieces may adjust configs; plans stay independent
     with fake_run() as live:
         backbone = blueprint(model, resolution=resolution, layers=layers, overrides=overrides)
-        if phase not in SAMPLING_PHASES:
-            quantize_base(backbone, settings, fake=True)
+        quantize_base(backbone, settings, fake=True, kind=base_bits(phase, settings))
         live.reset_peak()  # loading's transients happen on the CPU, before the model moves to the GPU
         run_phase(backbone, phase, settings)
         return PhasePlan(peak_bytes=live.peak, flops=live.flops.get("step", 0), regions=dict(live.peaks))
+
+
+def base_bits(phase: str, settings: RunSettings) -> str:
+    """The frozen base's quantization in a phase: training's (validation draws on the model as it trains),
+    or generate's when sampling."""
+    return settings.sampling_quantize if phase in SAMPLING_PHASES else settings.train.quantize
 
 
 ESTIMATE_DEPTHS = (2, 3)  # transformer layers of the two cuts `estimate` measures (1 layer is not yet linear)
@@ -115,10 +123,11 @@ def estimate(model: str, phase: str, settings: RunSettings, resolution: int | No
 
 def plan_memory(model: str, settings: RunSettings, resolution: int | None = None, sampling: bool = True,
                 cache: dict | None = None, budget: int | None = None) -> Plan:
-    """The peak of every phase the settings' run goes through (training stages, then sampling). `cache`:
-    phase plans already estimated, by `phase_key` (fitting_settings shares one). `budget`: stop at the first
-    phase that does not fit it, trying the later stage first (stage 2 holds what stage 1 holds and more)."""
-    phases = [STAGE_PHASES[stage] for stage, _ in settings.train.plan] + (list(SAMPLING_PHASES) if sampling else [])
+    """The peak of every phase the settings' run goes through (training stages, the validation pictures, then
+    generate's sampling). `cache`: phase plans already estimated, by `phase_key` (fitting_settings shares
+    one). `budget`: stop at the first phase that does not fit it, trying the later ones first (stage 2 holds
+    what stage 1 holds and more). sampling: False leaves generate's phases out (the training search)."""
+    phases = run_phases(settings, sampling)
     cache = {} if cache is None else cache
     plan = Plan(model, settings)
     for phase in phases if budget is None else reversed(phases):
@@ -132,12 +141,22 @@ def plan_memory(model: str, settings: RunSettings, resolution: int | None = None
     return plan
 
 
+def run_phases(settings: RunSettings, sampling: bool = True) -> list[str]:
+    """The phases of the run, in its order: the stages, the validation pictures (where the run draws them),
+    generate's sampling."""
+    phases = [STAGE_PHASES[stage] for stage, _ in settings.train.plan]
+    return phases + ([VALIDATION] if settings.validation_prompts else []) + (list(SAMPLING_PHASES) if sampling else [])
+
+
 def phase_key(phase: str, settings: RunSettings) -> tuple:
-    """What a phase's figures depend on among the settings `candidates` vary (stage 1 trains [V] alone: not
-    the layers stage 2 trains, nor its optimizer; sampling: none of them)."""
+    """What a phase's figures depend on among the settings `candidates` and `sampling_candidates` vary
+    (stage 1 trains [V] alone: not the layers stage 2 trains, nor its optimizer; sampling: the base's bits
+    and the batch; validation: the last stage's resident state, the prompts drawn at once)."""
     t = settings.train
     if phase in SAMPLING_PHASES:
-        return (phase,)
+        return (phase, settings.sampling_quantize, settings.num_images)
+    if phase == VALIDATION:
+        return (phase, t.stages, t.layers, t.optimizer, t.quantize, settings.validation_prompts)
     key = (phase, t.gradient_checkpointing, t.gradient_accumulation_steps, t.quantize)
     return key + ((t.layers, t.optimizer) if phase != "stage1" else ())
 
@@ -268,6 +287,81 @@ def fitting_settings(model: str, settings: RunSettings, budget: int, resolution:
     return sorted(found, key=relative_time)
 
 
+# --- the whole run: generate's batch and bits as well -------------------------------------------------
+
+SAMPLING_BITS_ORDER = ("none", "int8", "nf4")  # full precision first: a quantized base draws slightly other images
+
+
+def sampling_candidates(settings: RunSettings) -> list[RunSettings]:
+    """generate's choices for the adapter these settings train: the base's bits (the user's own, or the
+    default generate picks, first; then full precision, int8, nf4, those the adapter can be drawn on and whose
+    library is installed) and the batch (the user's, then halved down to 1). Ordered: bits first, then the
+    largest batch (images per second grow with the batch; the bits change the pictures)."""
+    own = settings.sampling_quantize
+    missing = set(unavailable_choices())
+    allowed = SAMPLING_BITS_ORDER if can_sample_quantized(settings.train) else ("none",)
+    bits = [own] + [b for b in allowed if b != own and f"--quantize {b}" not in missing]
+    batches, b = [], settings.num_images
+    while b >= 1:
+        batches.append(b)
+        b //= 2
+    return [replace(settings, sample_quantize=q, num_images=n) for q in bits for n in batches]
+
+
+def sampling_fit(model: str, settings: RunSettings, budget: int, resolution: int | None = None,
+                 cache: dict | None = None) -> Plan | None:
+    """generate's phases at the first of `sampling_candidates` that fits `budget`, or None."""
+    cache = {} if cache is None else cache
+    for option in sampling_candidates(settings):
+        plan = Plan(model, option)
+        for phase in SAMPLING_PHASES:
+            key = phase_key(phase, option)
+            if key not in cache:
+                cache[key] = estimate(model, phase, option, resolution)
+            plan.phases[phase] = cache[key]
+        if plan.fits(budget):
+            return plan
+    return None
+
+
+def whole_run_fits(model: str, settings: RunSettings, budget: int, resolution: int | None = None,
+                   limit: int = 5, cache: dict | None = None) -> list[Plan]:
+    """Up to `limit` whole runs that fit `budget`, the fastest training first: each of `fitting_settings`'s
+    training settings (stages and validation pictures) with the first of generate's settings that fits for
+    the adapter it trains (`sampling_fit`). One plan per run, every phase in it."""
+    cache = {} if cache is None else cache
+    found = []
+    for training in fitting_settings(model, settings, budget, resolution, limit=limit, cache=cache):
+        sampling = sampling_fit(model, training.settings, budget, resolution, cache)
+        if sampling is not None:
+            whole = Plan(model, sampling.settings, {**training.phases, **sampling.phases})
+            found.append(whole)
+    return found
+
+
+def closest_run(model: str, settings: RunSettings, resolution: int | None = None,
+                cache: dict | None = None) -> Plan:
+    """When nothing fits: the leanest whole run among the candidates (the least memory at its peak), every
+    phase estimated: the setting to name, and the figure it needs."""
+    cache = {} if cache is None else cache
+    options = candidates(settings)
+    leanest = [o for o in options if not any(_key(o) != _key(other) and _needs_more_memory(o, other)
+                                              for other in options)]
+    fewest_bits = {bits: rank for rank, bits in enumerate(reversed(SAMPLING_BITS_ORDER))}  # nf4 first
+    best = None
+    for option in leanest:
+        smallest = min(sampling_candidates(option), key=lambda s: (fewest_bits[s.sampling_quantize], s.num_images))
+        plan = plan_memory(model, smallest, resolution, cache=cache)
+        if best is None or plan.peak_bytes < best.peak_bytes:
+            best = plan
+    return best
+
+
+def describe_sampling(settings: RunSettings) -> str:
+    """The `tokenbooth generate` flags that give these settings' sampling memory."""
+    return f"--batch-size {settings.num_images} --quantize {settings.sampling_quantize}"
+
+
 def describe(settings: RunSettings) -> str:
     """The `tokenbooth train` flags that give these settings' memory-relevant choices."""
     t = settings.train
@@ -292,4 +386,5 @@ def parse_size(text: str) -> int:
 
 
 __all__ = ["Plan", "PhasePlan", "RunSettings", "plan_memory", "fitting_settings", "measure", "estimate",
-           "parse_size", "describe", "relative_time", "candidates", "unavailable_choices"]
+           "parse_size", "describe", "relative_time", "candidates", "unavailable_choices", "sampling_candidates",
+           "sampling_fit", "whole_run_fits", "closest_run", "describe_sampling", "run_phases"]

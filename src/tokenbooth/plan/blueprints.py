@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from ..assets import CONFIGS_DIR
-from ..backbones import BUILTIN, chameleon, janus
+from ..backbones import BUILTIN, chameleon, emu3, janus
 from ..errors import UserError
 from ..quiet import quiet_imports
 from ..vq import VQGAN, VQGANConfig
@@ -54,13 +54,15 @@ def blueprint(name: str, resolution: int | None = None, layers: int | None = Non
     kind = config.get("model_type")
     config = _merged(config, overrides or {})
     if layers is not None:
-        text = config["text_config"] if kind == "janus" else config
+        text = config["text_config"] if kind in ("janus", "emu3") else config
         text["num_hidden_layers"] = layers
     if kind == "chameleon":
         return _chameleon(name, config, folder, resolution)
     if kind == "janus":
         return _janus(name, config, resolution)
-    raise UserError(f"{config_path} describes a {kind!r} model; tokenbooth plans chameleon and janus models")
+    if kind == "emu3":
+        return _emu3(name, config, folder, resolution)
+    raise UserError(f"{config_path} describes a {kind!r} model; tokenbooth plans chameleon, janus and emu3 models")
 
 
 def _merged(config: dict, overrides: dict) -> dict:
@@ -131,3 +133,15 @@ def _janus(name: str, config: dict, resolution: int | None):
                "boi": tokenizer.token_to_id(janus.IMAGE_START)}
     text.bos_token_id = special["bos"]
     return janus.JanusBackbone(name, model, tokenizer, None, special)
+
+
+def _emu3(name: str, config: dict, folder: Path | None, resolution: int | None):
+    with quiet_imports():  # start-up time, as in _chameleon
+        from transformers import Emu3Config, Emu3ForConditionalGeneration
+
+    if folder is not None and (folder / "tokenizer.json").is_file():  # an Emu3 folder: its own vocabulary
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    else:  # emu3-gen: the real ids (its config's vocabulary_map, 6.5 MB, is not shipped)
+        tokenizer = emu3.blueprint_tokenizer(config.get("vq_config", {}).get("codebook_size", 32768))
+    model = _build(Emu3ForConditionalGeneration, Emu3Config, {**config, "vocabulary_map": tokenizer.get_vocab()})
+    return emu3.blueprint_backbone(name, model, tokenizer, resolution)

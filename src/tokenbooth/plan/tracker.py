@@ -70,7 +70,13 @@ class LiveBytes(TorchDispatchMode):
 
     def _count(self, t: torch.Tensor) -> None:
         if _is_wrapper(t):
-            return  # a quantized weight's wrapper: its inner tensors were counted when they were made
+            # A quantized weight's wrapper: its inner tensors hold the bytes. Counted here too (by storage, so
+            # once), since a wrapper's copy (quantize_layers' copy_layouts) makes them out of this mode's sight.
+            for name in t.__tensor_flatten__()[0]:
+                inner = getattr(t, name)
+                if isinstance(inner, torch.Tensor):
+                    self._count(inner)
+            return
         storage = t.untyped_storage()
         key = id(storage)
         if key in self._sizes:
@@ -113,6 +119,13 @@ def set_region(name: str) -> str | None:
         return None
     previous, _ACTIVE[-1].region = _ACTIVE[-1].region, name
     return previous
+
+
+def restart_peak() -> None:
+    """Forgets the peaks so far, in the fake run in progress (a real run ignores it): a phase that needs an
+    earlier moment's state alive (the validation pictures, in the middle of training) counts from here."""
+    if _ACTIVE:
+        _ACTIVE[-1].reset_peak()
 
 
 def follow_layers(layers: list[torch.nn.Module]) -> None:

@@ -11,7 +11,9 @@ q_new *and* as often as possible equal to the old one:
   none     independent: new ~ q_new.
   maximal  keep the old draft x with probability min(1, q_new(x) / q_old(x)), otherwise draw from
            norm(max(0, q_new - q_old)). This is speculative sampling's accept/residual step run on the
-           drafts themselves; P(new == old) = 1 - TV(q_old, q_new), the most any coupling can reach.
+           drafts themselves; P(new == old) = 1 - TV(q_old, q_new), the most any coupling can reach. It is
+           also what SJD-PAC (arXiv 2603.18599) calls adaptive continuation: its verification of the drafts
+           past the first rejection, against this pass's (stale) p, keeps or replaces them by this very rule.
   gumbel   every body position owns one vector of exponential noise E for as long as it is drafted; each
            draft is argmax_z q(z) / E_z (the Gumbel-max trick: -log E is Gumbel). Old and new drafts share
            E, so they agree unless q moved enough to change the winner: P(new == old) >=

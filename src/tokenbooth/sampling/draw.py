@@ -35,7 +35,7 @@ def check_sampler(cfg: SamplingConfig, body_length: int | None = None) -> None:
     if cfg.sampler not in SAMPLERS:
         raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)} (got {cfg.sampler!r})")
     if cfg.sampler == "sjd":
-        check_sjd_options(cfg.sjd_window, cfg.sjd_init, cfg.sjd_coupling, body_length)
+        check_sjd_options(cfg.sjd_window, cfg.sjd_init, cfg.sjd_coupling, body_length, cfg.sjd_proactive)
 
 
 def draw_codes(backbone, prompts: list[str], cfg: SamplingConfig, progress: bool = False,

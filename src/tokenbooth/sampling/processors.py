@@ -36,6 +36,10 @@ class SamplingConfig:
     # how SJD re-draws a draft it could not verify yet: "none" (independently), "maximal" or "gumbel" (coupled
     # with the old draft, MC-SJD: the same law, the old token kept as often as possible; sampling/coupling.py)
     sjd_coupling: str = "maximal"
+    # proactive drafting (after SJD-PAC): a branch of this many tokens beside the window, the last fixed token
+    # repeated, so a pass whose first draft is rejected in favour of that token goes on along it; 0 = off.
+    # The same law, more tokens per pass (sjd.py); on mini the first token of the branch pays most per column
+    sjd_proactive: int = 1
 
     @classmethod
     def for_family(cls, family: str, **overrides) -> "SamplingConfig":

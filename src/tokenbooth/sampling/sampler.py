@@ -87,6 +87,12 @@ class RaggedCache:
         values.view(-1, dim).index_copy_(0, self.index, value.reshape(-1, dim))
         return keys[:, :, :self.end], values[:, :, :self.end]
 
+    def move_columns(self, rows: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Copies, in every layer, row rows[i]'s keys and values at column source[i] to column target[i]."""
+        for buffer in self.keys + self.values:
+            at = rows.to(buffer.device)
+            buffer[at, :, target.to(buffer.device)] = buffer[at, :, source.to(buffer.device)]
+
     def select(self, rows: torch.Tensor) -> None:
         self.lengths, self.start = self.lengths[rows], self.start[rows]
         self.keys = [k[rows.to(k.device)] for k in self.keys]
@@ -99,7 +105,7 @@ class RaggedBatch:
     exactly the positions it would see alone. Each pass feeds every row from where its cache ends to where
     that row asks; rows need not be equally far (SJD moves each image at its own pace).
 
-    body_room: body positions a row may be fed (the body, plus an SJD window past it)."""
+    body_room: body positions a row may be fed (the body, plus an SJD window and its proactive branch past it)."""
 
     def __init__(self, backbone, prefixes: list[list[int]], kv_cache: bool, body_room: int, copies: int):
         self.backbone, self.kv_cache, self.copies = backbone, kv_cache, copies
@@ -117,9 +123,13 @@ class RaggedBatch:
         return per_image.repeat(self.copies, *[1] * (per_image.dim() - 1))
 
     @torch.no_grad()
-    def feed(self, end: torch.Tensor) -> torch.Tensor:
+    def feed(self, end: torch.Tensor, branch: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
         """Runs every row from its cache end to column end[r] (exclusive): hidden states (rows, width, H),
-        row r's first column being its cache end."""
+        row r's first column being its cache end.
+
+        branch: (column, root, D), column and root (rows,): row r's columns column[r] .. column[r] + D - 1
+        hold a side branch, tokens read as if they came right after column root[r] (their positions, and
+        what they see: root[r] and before it, and the branch up to themselves), not after the window."""
         start = self.cache.lengths if self.kv_cache else torch.zeros_like(self.cache.lengths)
         width = int((end - start).max())
         columns = start[:, None] + torch.arange(width)
@@ -127,26 +137,63 @@ class RaggedBatch:
         ids = self.seq.gather(1, columns.clamp(max=self.seq.shape[1] - 1))
         keys = torch.arange(int(start.max()) + width)
         visible = keys[None, None, :] <= columns[:, :, None]  # causal, each row at its own offset
+        positions = columns
+        if branch is not None:
+            # The window's drafts never see the branch (it lies to their right); the branch sees the fixed
+            # tokens up to its root and itself, never the window's drafts.
+            column, root, depth = branch
+            step = columns - column[:, None]
+            here = (step >= 0) & (step < depth)
+            positions = torch.where(here, root[:, None] + 1 + step, columns)
+            own = (keys[None, None, :] <= root[:, None, None]) | \
+                ((keys[None, None, :] >= column[:, None, None]) & (keys[None, None, :] <= columns[:, :, None]))
+            visible = torch.where(here[:, :, None], own, visible)
         mask = torch.where(visible, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
         self.cache.prepare(start, width)
-        hidden, _ = self.backbone.hidden_states(ids, attention_mask=mask[:, None], position_ids=columns,
+        hidden, _ = self.backbone.hidden_states(ids, attention_mask=mask[:, None], position_ids=positions,
                                                 cache=self.cache)
         self.forward_passes += 1
         return hidden
 
-    def window_logits(self, body_ids: torch.Tensor, first: torch.Tensor, slots: int) -> torch.Tensor:
+    def window_logits(self, body_ids: torch.Tensor, first: torch.Tensor, slots: int,
+                      branch_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Writes each image's body tokens at positions first .. first + slots - 1 (body_ids (images, slots);
         position -1 is the header's last token, already there) and returns the image-code logits predicting
-        positions first + 1 .. first + slots: (rows, slots, K)."""
+        positions first + 1 .. first + slots: (rows, slots, K).
+
+        branch_ids (images, D): other candidates for positions first + 1 .. first + D, fed beside the window
+        (in the D columns past it) as a branch that sees the tokens up to `first` and itself, never the
+        window's drafts; their logits come after the window's: (rows, slots + D, K)."""
         first, body_ids = self.rows(first), self.rows(body_ids)
         columns = self.prefix[:, None] + first[:, None] + torch.arange(slots)
         inside = columns >= self.prefix[:, None]  # position -1, the header's last token, stays as it is
         self.seq.scatter_(1, columns, torch.where(inside, body_ids, self.seq.gather(1, columns)))
-        hidden = self.feed(columns[:, -1] + 1)
+        branch = None
+        if branch_ids is not None:
+            depth = branch_ids.shape[1]
+            side = columns[:, -1:] + 1 + torch.arange(depth)
+            self.seq.scatter_(1, side, self.rows(branch_ids))
+            branch = (side[:, 0], columns[:, 0], depth)
+            columns = torch.cat([columns, side], dim=1)
+        hidden = self.feed(columns[:, -1] + 1, branch)
         start = self.cache.lengths if self.kv_cache else torch.zeros_like(self.cache.lengths)
         at = (columns - start[:, None]).to(hidden.device)
         hidden = hidden.gather(1, at[:, :, None].expand(-1, -1, hidden.shape[-1]))
         return self.backbone.image_head(hidden).cpu()  # sampling happens on the CPU
+
+    def adopt_branch(self, taken: torch.Tensor, first: torch.Tensor, slots: int, branch_ids: torch.Tensor) -> None:
+        """After `window_logits(..., slots, branch_ids)`: image i's first taken[i] branch tokens are now its
+        tokens at positions first + 1 onwards. Their ids, and their keys and values (computed with exactly
+        those positions' context), move into those positions' columns, so the cache stays whole."""
+        taken = self.rows(taken)
+        body = self.prefix + self.rows(first) + 1
+        side = body - 1 + slots  # where window_logits fed the branch: the columns past the window
+        ids = self.rows(branch_ids)
+        for step in range(int(taken.max()) if len(taken) else 0):
+            rows = (taken > step).nonzero()[:, 0]
+            self.seq[rows, body[rows] + step] = ids[rows, step]
+            if self.kv_cache:
+                self.cache.move_columns(rows, side[rows] + step, body[rows] + step)
 
     def keep(self, fixed_until: torch.Tensor) -> None:
         """Body positions before fixed_until[image] were fed with their final tokens: the cache keeps them."""

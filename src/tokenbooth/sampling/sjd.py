@@ -20,6 +20,28 @@ Initialising a new draft position (`init`):
           residual is p without x, renormalised: together exactly p, whatever x is and however it was chosen.
           The first row has nothing above and falls back to random.
 
+Proactive drafting (`proactive` = D, after Kang et al. 2026, SJD-PAC, arXiv 2603.18599, whose tree of
+candidates this is one cheap branch of). About half of all passes fix a single token: the first draft is
+rejected, and the token drawn in its place differs from the draft that every later position was computed
+after. A third of the time (on mini) the token drawn is the one just before it, the last fixed token: images
+repeat codes. So each pass also feeds a branch beside the window: that token again at the window's first D
+positions (structure tokens where the layout puts them), in columns that see only the fixed tokens and the
+branch. When the walk stops at the first position and the token it drew there is the branch's, the branch's
+outputs are the exact laws that follow, and the walk goes on along the branch: each further repeat is a
+one-hot draft (accepted with p(x), else replaced by a draw from p without x: exactly p, as for `above`), and
+one fresh token from the last law reached ends the pass. Why the law is unchanged: the first token is chosen
+exactly as without the branch (accept, or draw from the residual); the branch only decides whether the laws
+after it are already at hand, and they are exact because the branch saw exactly the fixed tokens and the
+tokens then fixed, at their positions. Its repeats are a function of the fixed tokens, and its tests use
+fresh uniforms. The window's drafts at those positions are not looked at; past the stop they are re-drawn as
+after any stop (coupling.py). The taken branch's keys and values move into the cache (`adopt_branch`).
+
+Adaptive continuation (SJD-PAC's other half: after the first rejection, keep each later draft with
+probability min(1, p/q) against the stale p, else draw from norm(max(0, p - q))) is, token for token, the
+maximal coupling below (coupling.py): it continues the *drafts* past a rejection, not the fixed tokens, which
+need the model's law after the token actually chosen. tokenbooth has had it as `coupling="maximal"` since
+MC-SJD; there is nothing to add.
+
 Structure tokens (row ends, image end) are certain: they sit in the window like any token and are always
 accepted.
 
@@ -61,7 +83,8 @@ class SJDStats(SamplingStats):
         return sum(k * v for k, v in self.tokens_per_pass.items()) / total if total else 0.0
 
 
-def check_sjd_options(window: int, init: str, coupling: str, body_length: int | None = None) -> None:
+def check_sjd_options(window: int, init: str, coupling: str, body_length: int | None = None,
+                      proactive: int = 0) -> None:
     if init not in INITS:
         raise UserError(f"--sjd-init must be one of {', '.join(INITS)} (got {init!r})")
     if coupling not in COUPLINGS:
@@ -69,12 +92,55 @@ def check_sjd_options(window: int, init: str, coupling: str, body_length: int | 
     if window < 1 or (body_length is not None and window > body_length):
         upper = f" and at most the image body's {body_length} tokens" if body_length is not None else ""
         raise UserError(f"--sjd-window must be at least 1{upper} (got {window})")
+    if isinstance(proactive, bool) or not isinstance(proactive, int) or proactive < 0 or \
+            (body_length is not None and proactive > body_length):
+        raise UserError(f"--sjd-proactive must be a whole number from 0 (off) to the image body's length "
+                        f"(got {proactive!r})")
 
 
 def speculative_accept(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Accept with probability min(1, p/q); u is uniform in [0, 1). Written without the division so that
     q(x) = 0 (never drawn, but kept safe) accepts whenever p(x) > 0."""
     return u * q_x < p_x
+
+
+def one_hot_residual(law: torch.Tensor, token: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Where a one-hot draft `token` was rejected, the law to draw from instead: `law` without it (the
+    rejection happens with probability 1 - law(token), so the two together give exactly `law`)."""
+    without = law.scatter(1, token[:, None], 0.0)
+    return torch.where(rejected[:, None] & (without.sum(-1, keepdim=True) > 0), without, law)
+
+
+def take_branch(sampler: "Sampler", w: "Window", accepted: torch.Tensor, p_first: torch.Tensor,
+                p_branch: torch.Tensor, run: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """The proactive branch after the walk. Where the walk stopped at the first position and drew the run's
+    token there, the branch's laws are exact: its further tokens (the same token again, one-hot drafts) are
+    verified against them (accept with p(x), else draw from p without x: together exactly p), and one fresh
+    token ends it. Returns how many of the branch's columns hold fixed tokens (0: not taken). `p_first` is
+    the law at the first position (unused here; a broken variant in the tests uses it)."""
+    bl, depth = sampler.bl, p_branch.shape[1]
+    first = w.last + 1
+    took = eligible & (accepted == 0) & (w.codes.gather(1, first.clamp(max=bl - 1)[:, None])[:, 0] == run)
+    if not took.any():
+        return torch.zeros_like(accepted)
+    img = took.nonzero()[:, 0]
+    pos = first[img, None] + torch.arange(1, depth)  # the branch's further positions
+    at = pos.clamp(max=bl - 1)
+    laws = p_branch[img]  # (n, depth, K): the law after each branch token
+    p_x = laws[:, :-1].gather(2, run[img, None, None].expand(-1, depth - 1, 1))[:, :, 0]
+    u = torch.rand(p_x.shape, generator=sampler.generator)
+    ok = ((u < p_x) | sampler.forced[at]) & (pos < bl)
+    further = ok.long().cumprod(1).sum(1)
+    stop = first[img] + 1 + further
+    law = laws[torch.arange(len(img)), further]
+    law = one_hot_residual(law, run[img], rejected=further < depth - 1)
+    kept, step = (torch.arange(1, depth) <= further[:, None]).nonzero(as_tuple=True)
+    w.codes[img[kept], pos[kept, step]] = run[img[kept]]
+    emit = (stop < bl) & ~sampler.forced[stop.clamp(max=bl - 1)]
+    w.codes[img[emit], stop[emit]] = sample(law[emit], sampler.generator)
+    taken = torch.zeros_like(accepted)
+    taken[img] = 1 + further
+    return taken
 
 
 # --- the drafts ---------------------------------------------------------------------------------------------
@@ -99,7 +165,7 @@ class Sampler:
 
     def __init__(self, layout, cfg: SamplingConfig, accept, redraft_fn):
         self.bl, self.K, self.R, self.L = layout.body_length, layout.codebook_size, layout.row_length, cfg.sjd_window
-        self.init, self.coupling = cfg.sjd_init, cfg.sjd_coupling
+        self.init, self.coupling, self.proactive = cfg.sjd_init, cfg.sjd_coupling, cfg.sjd_proactive
         self.forced_ids = torch.tensor([-1 if layout.forced_token(j) is None else layout.forced_token(j)
                                         for j in range(self.bl)])
         self.forced = self.forced_ids >= 0
@@ -201,6 +267,21 @@ class Sampler:
                                      else sample(w.q[img, s], self.generator))
         self.initialise(w, old > L)
 
+    def branch(self, w: Window) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The proactive branch of each window: its token (the last fixed token's code, to be repeated), the
+        vocabulary ids it feeds at the window's first `proactive` positions (structure tokens where the layout
+        puts them), and whether it can pay (the last fixed token and the first position are image tokens, and
+        a body position follows). Where it cannot, the first draft stands in: never taken, since a rejected
+        draft is never what the residual draws."""
+        bl = self.bl
+        first = (w.last + 1).clamp(max=bl - 1)
+        last = w.last.clamp(min=0)
+        eligible = (w.last >= 0) & ~self.forced[last] & ~self.forced[first] & (w.last + 2 < bl)
+        run = torch.where(eligible, w.codes.gather(1, last[:, None])[:, 0], w.codes.gather(1, first[:, None])[:, 0])
+        at = (w.last[:, None] + 1 + torch.arange(self.proactive)).clamp(max=bl - 1)
+        ids = torch.where(self.forced[at], self.forced_ids[at], self.layout.token_ids(run)[:, None])
+        return run, ids, eligible
+
     def fixed_tokens(self, last_before: torch.Tensor, last_after: torch.Tensor) -> torch.Tensor:
         """Image tokens fixed between two values of `last`."""
         return self.images_before[(last_after + 1).clamp(max=self.bl)] - self.images_before[last_before + 1]
@@ -208,16 +289,16 @@ class Sampler:
 
 def sample_image_body_sjd(backbone, prompts: list[str], cfg: SamplingConfig, progress: bool = False,
                           stats: SamplingStats | None = None, _accept=speculative_accept,
-                          _redraft=redraft) -> torch.Tensor:
+                          _redraft=redraft, _branch=take_branch) -> torch.Tensor:
     """Draws one image block per prompt with SJD (cfg.sjd_window, sjd_init, sjd_coupling); returns its
-    vocabulary ids after the header (B, body_length), distributed as `sample_image_body`'s. `_accept` and
-    `_redraft` are for tests only (a broken rule must make the distribution test fail)."""
+    vocabulary ids after the header (B, body_length), distributed as `sample_image_body`'s. `_accept`,
+    `_redraft` and `_branch` are for tests only (a broken rule must make the distribution test fail)."""
     cfg.validate()
     layout = backbone.layout
-    check_sjd_options(cfg.sjd_window, cfg.sjd_init, cfg.sjd_coupling, layout.body_length)
+    check_sjd_options(cfg.sjd_window, cfg.sjd_init, cfg.sjd_coupling, layout.body_length, cfg.sjd_proactive)
     L, bl, n = cfg.sjd_window, layout.body_length, len(prompts)
     groups = guidance_batches(backbone, prompts, cfg, lambda prefixes, copies: RaggedBatch(
-        backbone, prefixes, cfg.kv_cache, bl + L + 1, copies))
+        backbone, prefixes, cfg.kv_cache, bl + L + 1 + cfg.sjd_proactive, copies))
     s = Sampler(layout, cfg, _accept, _redraft)
 
     window = s.start(n)
@@ -227,14 +308,23 @@ def sample_image_body_sjd(backbone, prompts: list[str], cfg: SamplingConfig, pro
     histogram = Counter()
     bar = _progress(n * bl, progress)
     while len(alive):
-        fed = window.last[:, None] + torch.arange(L + 1)  # the last fixed token and the drafts after it
-        ids = s.ids(window.codes, fed)
-        logits = torch.cat([g.window_logits(ids, window.last, L + 1) for g in groups]) if len(groups) > 1 else \
-            groups[0].window_logits(ids, window.last, L + 1)
+        # The last fixed token and the drafts after it; near the end of the body only as many as the image
+        # furthest from its end can use (slots past the body are never accepted: their p is never read).
+        slots = min(L, int((bl - 1 - window.last).max())) + 1
+        ids = s.ids(window.codes, window.last[:, None] + torch.arange(slots))
+        run, branch_ids, eligible = s.branch(window) if s.proactive else (None, None, None)
+        logits = [g.window_logits(ids, window.last, slots, branch_ids) for g in groups]
+        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
         p = s.distributions(logits, len(alive), cfg)
+        p_window = torch.cat([p[:, :slots], p.new_full((len(alive), L + 1 - slots, s.K), 1.0 / s.K)], dim=1)
         before = window.last
-        accepted = s.verify(window, p)
-        s.advance(window, p, accepted)
+        accepted = s.verify(window, p_window)
+        if run is not None:
+            taken = _branch(s, window, accepted, p[:, 0], p[:, slots:], run, eligible)
+            for g in groups:
+                g.adopt_branch(taken, window.last, slots, branch_ids)
+            accepted = accepted + taken  # the walk went on along the branch: it ends that much further
+        s.advance(window, p_window, accepted)
         for g in groups:
             g.keep(window.last)
         passes[alive] += 1

@@ -255,6 +255,9 @@ def _generate_tab(app: TokenboothApp) -> SimpleNamespace:
                 top_k = gr.Number(label="Top-k", precision=0, minimum=1, elem_id="top-k")
             sampler = gr.Radio(["plain", "sjd"], value="plain", label="Sampler",
                                info="sjd: speculative Jacobi decoding, the same distribution in fewer passes")
+            precision = gr.Radio(list(handlers.PRECISIONS), value="as trained", label="Base precision",
+                                 info="nf4/int8: the frozen base in 4 or 8 bits, less GPU memory (needs torchao); "
+                                      "as trained: the subject's training base", elem_id="precision")
             compare = gr.Checkbox(label="Also draw the base model with the same seed, side by side",
                                   elem_id="compare")
             go = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -274,7 +277,7 @@ def _generate_tab(app: TokenboothApp) -> SimpleNamespace:
     insert.click(_event(handlers.insert_placeholder, app, report_errors=False), [choice, prompt], prompt,
                  show_progress="hidden")
     go.click(_event(handlers.generate_images, app, outputs=4, show=_show_drawn),
-             [choice, prompt, n, seed, cfg, top_k, sampler, compare], [gallery, base_gallery, files, msg])
+             [choice, prompt, n, seed, cfg, top_k, sampler, compare, precision], [gallery, base_gallery, files, msg])
     return SimpleNamespace(choice=choice)
 
 

@@ -291,9 +291,18 @@ class Drawn(NamedTuple):
     message: str
 
 
+# The Generate form's base precision: as the subject's adapter trained (a QLoRA subject on its 4-bit base), or
+# the named bits for every drawing (`generate --quantize`)
+PRECISIONS = {"as trained": None, "full": "none", "int8": "int8", "nf4": "nf4"}
+
+
 def generate_images(app: TokenboothApp, value: str | None, prompt: str, count: float, seed: float | None,
-                    cfg_scale: float | None, top_k: float | None, sampler: str, side_by_side: bool) -> Drawn:
-    """Draws `count` images (and the base model's, when side by side for a subject) into the workspace."""
+                    cfg_scale: float | None, top_k: float | None, sampler: str, side_by_side: bool,
+                    precision: str = "as trained") -> Drawn:
+    """Draws `count` images (and the base model's, when side by side for a subject) into the workspace, on a
+    base in `precision` (PRECISIONS)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"base precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     started = time.monotonic()  # the click's time: loading, both drawings and saving, as the user waits it
     model, subject = resolve_choice(app, value)
     overrides = {"seed": int(seed or 0), "sampler": sampler}
@@ -301,17 +310,20 @@ def generate_images(app: TokenboothApp, value: str | None, prompt: str, count: f
         overrides["cfg_scale"] = float(cfg_scale)
     if top_k:
         overrides["image_top_k"] = int(top_k)
-    paths, settings = generate(app.models, app.workspace, model, subject, prompt, int(count), overrides)
+    quantize = PRECISIONS[precision]
+    paths, settings = generate(app.models, app.workspace, model, subject, prompt, int(count), overrides, quantize)
+    quantize = settings["quantize"]  # the side-by-side base is drawn on the same bits
     base_paths, drawing = [], f"drawing {settings['seconds']}s"
     if side_by_side and subject is not None:
         plain = remove_placeholder(prompt, subject.run_config().get("placeholder", PLACEHOLDER))  # the base model's
-        base_paths, base_settings = generate(app.models, app.workspace, model, None, plain, int(count), overrides)
+        base_paths, base_settings = generate(app.models, app.workspace, model, None, plain, int(count), overrides,
+                                             quantize)
         drawing = f"drawing {settings['seconds']}s, and {base_settings['seconds']}s for the base model's"
     captioned = [(str(p), f"seed {settings['seed']} #{i}") for i, p in enumerate(paths)]
     base_words = f" and the base model's {len(base_paths)}" if base_paths else ""
     message = (f"{len(paths)} image(s) of *{prompt}*{base_words} in {time.monotonic() - started:.1f}s ({drawing}): "
                f"seed {settings['seed']}, CFG {settings['cfg_scale']}, top-k {settings['image_top_k']}, "
-               f"{settings['sampler']} sampler.")
+               f"{settings['sampler']} sampler" + (f", base in {quantize}." if quantize != "none" else "."))
     return Drawn(captioned, [str(p) for p in base_paths], [str(p) for p in paths + base_paths], message)
 
 

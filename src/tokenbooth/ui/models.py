@@ -14,12 +14,12 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .. import __version__
-from ..backbones import BUILTIN, chameleon, janus, load_backbone, presets
+from ..backbones import BUILTIN, chameleon, emu3, janus, presets
 from ..backbones.hub import cached_file
 from ..errors import UserError
 from ..io import atomic_path
-from ..personalize import load_adapter
 from ..personalize.adapter import CONFIG as ADAPTER_CONFIG
+from ..personalize.adapter import load_for_sampling, sampling_quantization
 from ..sampling import SamplingConfig, draw
 from .workspace import Subject, Workspace, sanitize_name
 
@@ -43,10 +43,13 @@ def family_of(model: str) -> str | None:
         return "janus-pro"
     if model in chameleon.PRESETS:
         return "lumina-mgpt"
+    if model in emu3.PRESETS:
+        return emu3.FAMILY
     folder = Path(BUILTIN.get(model, model))
     try:
-        if json.loads((folder / "config.json").read_text()).get("model_type") == "janus":
-            return "janus-pro"
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        if model_type in ("janus", "emu3"):
+            return {"janus": "janus-pro", "emu3": emu3.FAMILY}[model_type]
         return json.loads((folder / "tokenbooth.json").read_text()).get("family")
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
@@ -73,17 +76,19 @@ class Models:
         self._cache: OrderedDict = OrderedDict()
         self.lock = threading.RLock()
 
-    def get(self, model: str, adapter: Path | None = None):
-        key = (model, str(adapter), _mtime(adapter))
+    def get(self, model: str, adapter: Path | None = None, quantize: str | None = "none"):
+        """The model with the adapter on it, its base in `quantize`'s bits (None: as the adapter trained;
+        personalize/adapter.py's `sampling_quantization` decides, as for `generate --quantize`)."""
+        bits = sampling_quantization(quantize, adapter)  # an adapter that cannot go on them: refused, nothing loaded
+        key = (model, str(adapter), _mtime(adapter), bits)
         with self.lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
             while len(self._cache) >= CACHE_SIZE:
                 self._cache.popitem(last=False)
-            backbone = load_backbone(model)
-            if adapter is not None:  # load_adapter changes the weights in place: this copy is the subject's
-                backbone = load_adapter(backbone, adapter)
+            # load_adapter changes the weights in place: this copy is the subject's
+            backbone, _ = load_for_sampling(model, adapter, bits)
             self._cache[key] = backbone
             return backbone
 
@@ -97,19 +102,23 @@ def _mtime(adapter: Path | None) -> float | None:
 
 
 def generate(models: Models, workspace: Workspace, model: str, subject: Subject | None, prompt: str, n: int,
-             overrides: dict) -> tuple[list[Path], dict]:
-    """Draws `n` images of `prompt` (with the subject's adapter when given) and saves each as a PNG with its
-    settings in a text chunk. Returns the files and the settings."""
+             overrides: dict, quantize: str | None = "none") -> tuple[list[Path], dict]:
+    """Draws `n` images of `prompt` (with the subject's adapter when given; the base in `quantize`'s bits, None:
+    as the adapter trained) and saves each as a PNG with its settings in a text chunk. Returns the files and
+    the settings."""
     if not prompt.strip():
         raise UserError("write a prompt first")
     if not 1 <= n <= 16:
         raise UserError(f"number of images must be 1-16 (got {n})")
     with models.lock:
-        backbone = models.get(model, subject.folder if subject is not None else None)
+        adapter = subject.folder if subject is not None else None
+        bits = sampling_quantization(quantize, adapter)
+        backbone = models.get(model, adapter, bits)
         cfg = SamplingConfig.for_family(backbone.family, **overrides)
         drawing = draw(backbone, [prompt] * n, cfg)
     settings = {"tokenbooth_version": __version__, "model": model, "subject": subject.name if subject else None,
-                "prompt": prompt, "num_images": n, **cfg.to_dict(), "seconds": round(drawing.seconds, 2),
+                "prompt": prompt, "num_images": n, "quantize": bits, **cfg.to_dict(),
+                "seconds": round(drawing.seconds, 2),
                 "forward_passes": drawing.stats.forward_passes}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     label = subject.name if subject else _base_label(model)
