@@ -84,6 +84,13 @@ MODELS = [
                               image_size=64),
         "vq_config": dict(base_channels=32, num_res_blocks=1, projection_dim=64, image_token_embed_dim=64,
                           num_embeddings=64)}),
+    # Emu3-Gen at 720 px: 8,191 tokens an image, so its sampling entries are the longest; --tiny narrows its text
+    # model and its VQ-VAE (8x down-sampling kept, 4 channels, 64 codes) and draws 64 px
+    Model("emu3-gen", "emu3", {
+        "text_config": {**NARROW_TEXT, "max_position_embeddings": 1024},
+        "vq_config": dict(codebook_size=64, embed_dim=4, latent_channels=4, base_channels=32,
+                          channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[], hidden_size=32)},
+        tiny_resolution=64),
 ]
 TRAINING = [
     Training("stage 1", "stage1"),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PROMPTS_AND_CLASSES, make_dreambench, run_cli, toy_images
+from helpers import EMU3_RES, PROMPTS_AND_CLASSES, make_dreambench, run_cli, toy_images, write_emu3_folder
 from PIL import Image
 
 from tokenbooth.errors import UserError
@@ -413,6 +413,7 @@ def test_a_dataset_in_the_wrong_layout_stops_with_one_line(tmp_path, capsys, how
 def test_dreambench_list_shows_subjects_classes_images_and_prompts_without_loading_a_model(tmp_path, capsys,
                                                                                            monkeypatch):
     import tokenbooth.backbones as backbones
+    import tokenbooth.cli  # noqa: F401 (imported first: a module importing load_backbone now would keep the stand-in)
 
     monkeypatch.setattr(backbones, "load_backbone", lambda *a, **k: pytest.fail("--list loaded a model"))
     dataset = make_dreambench(tmp_path / "dataset")
@@ -492,6 +493,27 @@ def test_dreambench_quantize_trains_qlora_and_draws_on_the_quantized_base(tiny_m
     assert json.loads((folder / "scores.json").read_text())["images"]
     code, _, err = run_cli(capsys, *bench_args(dataset, tiny_model_dir, dino_and_clip, out, "--subjects", "cat2"))
     assert code == 1 and "quantize: 'int8' there" in err  # a restart must keep the run's settings
+
+
+def test_dreambench_and_score_run_on_emu3(dino_and_clip, tmp_path, capsys):
+    """The third family through the benchmark: personalized, drawn with its own guidance and negative prompt,
+    scored; then `score` on what `generate` drew."""
+    emu3 = write_emu3_folder(tmp_path / "tiny-emu3")
+    dataset, out = make_dreambench(tmp_path / "dataset"), tmp_path / "run"
+    code, _, err = run_cli(capsys, *bench_args(dataset, emu3, dino_and_clip, out, "--subjects", "cat2",
+                                               "--resolution", str(EMU3_RES)))
+    assert code == 0, err
+    scores = json.loads((out / "subjects" / "cat2" / "scores.json").read_text())
+    assert scores["images"] and all(-1 <= row["dino"] <= 1 for row in scores["images"])
+    assert json.loads((out / "overall.json").read_text())["rows"]
+    drawn = tmp_path / "drawn"
+    adapter = out / "subjects" / "cat2" / "adapter"
+    code, _, err = run_cli(capsys, "generate", "--model", str(emu3), "--adapter", str(adapter),
+                           "a [V] cat on the beach", "--out", str(drawn), "--seed", "0", "--resolution", str(EMU3_RES))
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "score", "--images", str(drawn), "--references", str(dataset / "cat2"),
+                           "--dino", dino_and_clip["dino-pth"], "--clip", dino_and_clip["clip-pt"])
+    assert code == 0, err
 
 
 def test_an_interrupted_run_keeps_finished_subjects_and_exits_non_zero(tiny_model_dir, dino_and_clip, tmp_path, capsys,
@@ -643,3 +665,19 @@ def test_dreambench_numbers_match_a_computation_by_hand_under_both_protocols(tin
         for m in ("dino", "clip_i"):
             assert rows[name][m] == pytest.approx(s["pairs"][m].mean().item(), abs=1e-5)
         assert rows[name]["clip_t"] == pytest.approx(s["clip_t"].mean().item(), abs=1e-5)
+
+
+def test_a_run_started_before_a_setting_existed_continues_while_it_keeps_its_default(tmp_path):
+    from tokenbooth.errors import UserError
+    from tokenbooth.eval.run_file import RUN_FILE, check_run_settings
+
+    (tmp_path / RUN_FILE).write_text(json.dumps({"settings": {"model": "mini", "seed": 0}}))
+    defaults = {"seed": 0, "quantize": "none"}
+    check_run_settings(tmp_path, {"model": "mini", "seed": 0, "quantize": "none"}, "DreamBench", defaults=defaults)
+    with pytest.raises(UserError, match="quantize: None there, 'nf4' now"):
+        check_run_settings(tmp_path, {"model": "mini", "seed": 0, "quantize": "nf4"}, "DreamBench", defaults=defaults)
+    with pytest.raises(UserError, match="quantize"):  # without defaults, a new key is a difference
+        check_run_settings(tmp_path, {"model": "mini", "seed": 0, "quantize": "none"}, "DreamBench")
+    (tmp_path / RUN_FILE).write_text(json.dumps({"settings": "garbled"}))
+    with pytest.raises(UserError, match="other settings"):
+        check_run_settings(tmp_path, {"model": "mini", "seed": 0}, "DreamBench", defaults=defaults)

@@ -46,10 +46,20 @@ def test_entries_can_be_picked_and_a_budget_skips_what_would_start_late(tmp_path
     bench = load_benchmark()
     picked = bench.entries("QLoRA")
     assert len(picked) == len(bench.MODELS) and all("QLoRA" in e.name for _, e in picked)
-    assert {m.name for m in bench.MODELS} == {"lumina-mgpt-7b-768", "janus-pro-7b"}
+    assert {m.name for m in bench.MODELS} == {"lumina-mgpt-7b-768", "janus-pro-7b", "emu3-gen"}
     results = bench.main(["--tiny", "--device", "cpu", "--out", str(tmp_path / "gpu.json"), "--only", "lumina",
                           "--steps", "1", "--budget-s", "0.5"])
     every = len(bench.TRAINING) + len(bench.SAMPLING)
     assert len(results["entries"]) == 1 and len(results["skipped"]) == every - 1  # the first starts at once
     first = results["entries"][0]
     assert first["model"] == "lumina-mgpt-7b-768" and first["seconds_per_step"] > 0 and first["planned_bytes"] > 0
+
+
+def test_emu3_runs_every_entry_on_its_tiny_config(tmp_path):
+    bench = load_benchmark()
+    results = bench.main(["--tiny", "--device", "cpu", "--out", str(tmp_path / "gpu.json"), "--only", "emu3",
+                          "--steps", "1"])
+    rows = results["entries"]
+    assert len(rows) == len(bench.TRAINING) + len(bench.SAMPLING) and not [r for r in rows if "error" in r]
+    assert {r["model"] for r in rows} == {"emu3-gen"} and all(r["planned_bytes"] > 0 for r in rows)
+    assert all(r["ms_per_image"] > 0 for r in rows if r["kind"] == "sampling")

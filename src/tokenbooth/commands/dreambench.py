@@ -25,6 +25,8 @@ def add_parser(subparsers) -> None:
     b.add_argument("--list", "--dry-run", action="store_true", dest="list",
                    help="print the subjects, classes, image counts and prompts found, then stop (loads no model)")
     b.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    b.add_argument("--resolution", type=int, help="image size of a Lumina-mGPT folder whose name does not say it; "
+                                                  "Emu3's side in pixels, a multiple of 8 (default: 720)")
     b.add_argument("--output", type=Path, help="run folder (required unless --list); a finished subject is skipped")
     b.add_argument("--subjects", help="comma-separated subset, e.g. dog,cat,backpack (default: all)")
     b.add_argument("--images-per-prompt", type=positive_int, default=1, help="the paper: 1 (default); DreamBooth: 4")
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
                            stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, batch_size=args.batch_size,
                            sampler=sampling["sampler"], sjd_window=args.sjd_window, sjd_init=args.sjd_init,
                            sjd_coupling=args.sjd_coupling, sjd_proactive=args.sjd_proactive,
-                           quantize=args.quantize)
+                           quantize=args.quantize, resolution=args.resolution)
     settings.validate()
     if args.quantize != "none" and not args.list:
         require_optional("torchao", f"--quantize {args.quantize}")  # before the first subject trains

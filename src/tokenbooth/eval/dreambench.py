@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
 from pathlib import Path
 
@@ -77,6 +77,7 @@ class RunSettings:
     # "int8" or "nf4": every subject trains QLoRA (stage 2 LoRA over the quantized base) and draws on that base,
     # as `demo --quantize` does, so a card that holds the quantized model runs the whole benchmark
     quantize: str = "none"
+    resolution: int | None = None  # a Lumina-mGPT folder whose name does not say it, or Emu3's side in pixels
 
     def validate(self) -> None:
         """Refuses what no backbone could use, before any model loads."""
@@ -109,7 +110,8 @@ def train_config(settings: RunSettings, family: str, class_name: str) -> TrainCo
 
 def check_settings(out: Path, settings: RunSettings, is_main: bool) -> None:
     """A restart must use the settings the run in `out` started with; the main process records a new run's."""
-    check_run_settings(out, asdict(settings), "DreamBench", write=is_main, stamp={"tokenbooth_version": __version__})
+    check_run_settings(out, asdict(settings), "DreamBench", write=is_main, stamp={"tokenbooth_version": __version__},
+                       defaults={f.name: f.default for f in fields(RunSettings)})
 
 
 def subject_folder(out: Path, name: str) -> Path:
@@ -158,7 +160,7 @@ def run_dreambench(settings: RunSettings, data: Path, output: Path, subjects: li
 
 def check_backbone(settings: RunSettings, bench: DreamBench) -> None:
     """Before hours of work: every class word tokenizes, and the settings make a valid recipe and sampler."""
-    backbone = backbones.load_backbone(settings.model)
+    backbone = backbones.load_backbone(settings.model, resolution=settings.resolution)
     sampling = sampling_config(settings, backbone.family)
     sampling.validate()
     check_sampler(sampling, backbone.layout.body_length)
@@ -178,7 +180,7 @@ def run_subject(bench: DreamBench, subject: Subject, settings: RunSettings, scor
     train_seconds = time.time() - t0
 
     t0 = time.time()
-    personalized, _ = load_for_sampling(settings.model, adapter, settings.quantize)
+    personalized, _ = load_for_sampling(settings.model, adapter, settings.quantize, resolution=settings.resolution)
     prompts = bench.prompts(subject, settings.placeholder)
     drawn = draw_prompts(personalized, prompts, settings, folder, subject.name)
     generate_seconds = time.time() - t0
@@ -199,7 +201,7 @@ def personalize_subject(subject: Subject, settings: RunSettings, adapter: Path) 
     """The subject's adapter, trained (or resumed from its last checkpoint) unless already whole."""
     if (adapter / ADAPTER_CONFIG).is_file():
         return
-    backbone = backbones.load_backbone(settings.model, quantize=settings.quantize)
+    backbone = backbones.load_backbone(settings.model, resolution=settings.resolution, quantize=settings.quantize)
     cfg = train_config(settings, backbone.family, subject.class_name)
     images = load_reference_images(subject.folder, backbone.resolution)
     train(backbone, images, cfg, adapter, resume=latest_checkpoint(adapter) is not None)

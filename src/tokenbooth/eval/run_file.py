@@ -11,7 +11,8 @@ from ..io import atomic_write_json, read_json_object
 RUN_FILE = "run.json"
 
 
-def check_run_settings(out: Path, settings: dict, bench: str, write: bool = True, stamp: dict | None = None) -> None:
+def check_run_settings(out: Path, settings: dict, bench: str, write: bool = True, stamp: dict | None = None,
+                       defaults: dict | None = None) -> None:
     """Refuses a restart whose settings differ from those `out`'s run.json holds, naming the first that does
     (with both values when they are short); with no run.json yet, records `settings` (after `stamp`'s fields,
     e.g. the version) unless `write` is False (a check before anything is written, or a process that is not
@@ -19,8 +20,12 @@ def check_run_settings(out: Path, settings: dict, bench: str, write: bool = True
     path = Path(out) / RUN_FILE
     if path.is_file():
         saved = read_json_object(path, f"{bench} settings").get("settings")
-        saved = saved if isinstance(saved, dict) else {}  # unreadable settings: refused as other ones
-        changed = [key for key, value in settings.items() if saved.get(key) != value]
+        if not isinstance(saved, dict):  # unreadable settings: refused as other ones
+            saved, defaults = {}, {}
+        # a setting added after the run started (absent from its run.json) matches where it keeps its default:
+        # that run drew as the default does
+        defaults = defaults or {}
+        changed = [key for key, value in settings.items() if saved.get(key, defaults.get(key)) != value]
         if changed:
             key = changed[0]
             there, now = saved.get(key), settings[key]
