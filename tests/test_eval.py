@@ -681,3 +681,30 @@ def test_a_run_started_before_a_setting_existed_continues_while_it_keeps_its_def
     (tmp_path / RUN_FILE).write_text(json.dumps({"settings": "garbled"}))
     with pytest.raises(UserError, match="other settings"):
         check_run_settings(tmp_path, {"model": "mini", "seed": 0}, "DreamBench", defaults=defaults)
+
+
+def test_a_toybench_run_started_before_a_sampling_or_training_setting_existed_continues_at_its_default(tmp_path):
+    import copy
+
+    from tokenbooth.errors import UserError
+    from tokenbooth.eval.run_file import RUN_FILE
+    from tokenbooth.eval.toybench.run import check_settings
+
+    now = {"model": "mini", "sampling": {"cfg_scale": 2.0, "sjd_proactive": 1},
+           "train": {"embedding": {"stage1_steps": 100, "lora_rank": 4}}}
+    old = copy.deepcopy(now)
+    del old["sampling"]["sjd_proactive"], old["train"]["embedding"]["lora_rank"]  # fields of a later version
+    (tmp_path / RUN_FILE).write_text(json.dumps({"settings": old}))
+    check_settings(tmp_path, now, write=False)
+    asked = copy.deepcopy(now)
+    asked["sampling"]["sjd_proactive"] = 2
+    with pytest.raises(UserError, match=r"sampling\.sjd_proactive: None there, 2 now"):
+        check_settings(tmp_path, asked, write=False)
+    asked = copy.deepcopy(now)
+    asked["train"]["embedding"]["lora_rank"] = 8
+    with pytest.raises(UserError, match=r"train\.embedding\.lora_rank"):
+        check_settings(tmp_path, asked, write=False)
+    asked = copy.deepcopy(now)
+    asked["sampling"]["cfg_scale"] = 3.0  # a setting the run did record still has to match
+    with pytest.raises(UserError, match=r"sampling\.cfg_scale: 2\.0 there, 3\.0 now"):
+        check_settings(tmp_path, asked, write=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +117,22 @@ def _fingerprint(source: str) -> str:
 
 
 def check_settings(out: Path, settings: dict, write: bool = True) -> None:
-    """A restart must ask for what the run in `out` was started with; a new run records it (with write)."""
-    check_run_settings(out, settings, "toy-bench", write=write)
+    """A restart must ask for what the run in `out` was started with; a new run records it (with write). A
+    sampling or training setting that a later version added continues an older run while it keeps its default."""
+    train = field_defaults(personalize.TrainConfig)
+    defaults = {"sampling": field_defaults(sampling.SamplingConfig), "train": {row: train for row in RECIPES}}
+    check_run_settings(out, settings, "toy-bench", write=write, defaults=json.loads(json.dumps(defaults)))
+
+
+def field_defaults(config_class) -> dict:
+    """A config dataclass's fields with the value each takes when not given."""
+    out = {}
+    for f in fields(config_class):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
 # --- one subject ----------------------------------------------------------------------------------------
