@@ -21,7 +21,9 @@ def save_checkpoint(path: Path, **state) -> None:
 
 
 def load_checkpoint(path: Path):
-    return torch.load(path, weights_only=True) if path.exists() else None
+    """On the CPU whatever device wrote it (a run begun on a GPU resumes on a laptop): the model's and the
+    optimizer's load_state_dict copy each tensor to where its parameter lives."""
+    return torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None
 
 
 def resume(path: Path, what: str, optimizer, **modules) -> int:

@@ -8,7 +8,7 @@ Four steps, each resumable and each skipped when its output exists:
   decoder      sharpen the VQGAN decoder (encoder and codebook frozen, so tokens stay valid)
   export       write the model folder that `--model mini` loads
 Budget on 2 cores, alone: VQGAN about 40 min, encoding 10 min, transformer about 2.5 s a step (4800 steps, 3.3 h),
-decoder 4 min: about 4.2 h in all.
+decoder 4 min: about 4.2 h in all. `--device cuda` runs the same steps on a GPU (the default when one is there).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def restart_dead_codes(model: VQGAN, usage: torch.Tensor, latents: torch.Tensor)
     return len(dead)
 
 
-def train_vqgan(work: Path) -> None:
+def train_vqgan(work: Path, device: str = "cpu") -> None:
     out = work / "vqgan"
     if (out / "vqgan.safetensors").exists():
         return
@@ -105,7 +105,7 @@ def train_vqgan(work: Path) -> None:
     pixels = load_pixels(work)
     held_out = pixels[-1000:]  # never trained on: the PSNR in the README is measured on these
     pixels = pixels[:-1000]
-    model = VQGAN(VQGAN_CONFIG)
+    model = VQGAN(VQGAN_CONFIG).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=VQGAN_LR, betas=(0.5, 0.9))
     ckpt_path = work / "vqgan.ckpt"
     step = 0
@@ -115,13 +115,13 @@ def train_vqgan(work: Path) -> None:
         step = ck["step"]
         torch.set_rng_state(ck["rng"])
         log(f"vqgan: resumed at step {step}")
-    usage = torch.zeros(VQGAN_CONFIG.n_embed)
+    usage = torch.zeros(VQGAN_CONFIG.n_embed, device=device)
     t0 = time.time()
     while step < VQGAN_STEPS:
         lr = VQGAN_LR * 0.5 * (1 + math.cos(math.pi * step / VQGAN_STEPS))
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = pixels[torch.randint(len(pixels), (VQGAN_BATCH,))]
+        batch = pixels[torch.randint(len(pixels), (VQGAN_BATCH,))].to(device)
         recon, q_loss, idx = model(batch)
         rec_loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch)
         loss = rec_loss + q_loss
@@ -148,10 +148,10 @@ def train_vqgan(work: Path) -> None:
                             rng=torch.get_rng_state())
     model.eval()
     log(f"vqgan: held-out PSNR {vqgan_psnr(model, held_out):.2f} dB")
-    save_vqgan(model, out)
+    save_vqgan(model.cpu(), out)
 
 
-def finetune_decoder(work: Path) -> None:
+def finetune_decoder(work: Path, device: str = "cpu") -> None:
     """More training for the decoder alone, with encoder and codebook frozen: pictures get sharper while
     every image's tokens, and so the transformer trained on them, stay exactly valid."""
     from ..vq import load_vqgan
@@ -160,7 +160,7 @@ def finetune_decoder(work: Path) -> None:
     if done.exists():
         return
     torch.manual_seed(1)
-    model = load_vqgan(work / "vqgan")
+    model = load_vqgan(work / "vqgan").to(device)
     pixels = load_pixels(work)
     held_out, pixels = pixels[-1000:], pixels[:-1000]
     log(f"decoder: held-out PSNR before {vqgan_psnr(model, held_out):.2f} dB")
@@ -174,7 +174,7 @@ def finetune_decoder(work: Path) -> None:
     for step in range(1, DECODER_STEPS + 1):
         for g in opt.param_groups:
             g["lr"] = DECODER_LR * 0.5 * (1 + math.cos(math.pi * step / DECODER_STEPS))
-        batch = pixels[torch.randint(len(pixels), (VQGAN_BATCH,))]
+        batch = pixels[torch.randint(len(pixels), (VQGAN_BATCH,))].to(device)
         with torch.no_grad():
             zq = model.quantize.lookup(model.encode(batch))
         recon = model.decode_latent(zq)
@@ -188,7 +188,7 @@ def finetune_decoder(work: Path) -> None:
             log(f"decoder step {step} loss {loss.item():.4f}")
     model.eval()
     log(f"decoder: held-out PSNR after {vqgan_psnr(model, held_out):.2f} dB")
-    save_vqgan(model, work / "vqgan")
+    save_vqgan(model.cpu(), work / "vqgan")
     done.write_text("1\n")
 
 
@@ -196,7 +196,9 @@ def finetune_decoder(work: Path) -> None:
 def vqgan_psnr(model: VQGAN, pixels: torch.Tensor) -> float:
     """Mean PSNR (dB) of reconstructions, images in [-1, 1] measured on the 0..255 scale."""
     psnrs = []
+    device = next(model.parameters()).device
     for chunk in pixels.split(250):
+        chunk = chunk.to(device)
         recon = model.decode(model.encode(chunk))
         to255 = lambda t: ((t + 1) * 127.5).round()  # noqa: E731
         mse = (to255(recon) - to255(chunk)).pow(2).flatten(1).mean(1)
@@ -220,7 +222,7 @@ def train_tokenizer(work: Path) -> None:
 
 # --- transformer ----------------------------------------------------------------------------------------
 
-def new_backbone(work: Path):
+def new_backbone(work: Path, device: str = "cpu"):
     from tokenizers import Tokenizer
     from transformers import ChameleonForConditionalGeneration
 
@@ -229,7 +231,7 @@ def new_backbone(work: Path):
     tokenizer = Tokenizer.from_file(str(work / "tokenizer.json"))
     torch.manual_seed(0)
     model = ChameleonForConditionalGeneration(chameleon_config(tokenizer.get_vocab(), VQGAN_CONFIG.n_embed, context=CONTEXT,
-                                                                resolution=RESOLUTION))
+                                                                resolution=RESOLUTION)).to(device)
     return ChameleonBackbone("mini", model, tokenizer, load_vqgan(work / "vqgan"), MINI_SPEC)
 
 
@@ -271,10 +273,11 @@ def sequence_loss(backbone, ids, labels):
     """Full-vocabulary next-token loss over the whole image block, structure tokens and trailer included:
     pre-training teaches the layout too, as Lumina-mGPT's own training does (personalization scores codes only).
     Matrix products run in bfloat16 (2.7x faster on a CPU with AVX512-BF16), weights and the loss stay fp32."""
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(backbone.device.type, dtype=torch.bfloat16):
         hidden, _ = backbone.hidden_states(ids)
         logits = backbone.vocabulary_logits(hidden)
     logits = logits.float()
+    labels = labels.to(logits.device)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
 
 
@@ -289,11 +292,11 @@ def transformer_lr(step: int) -> float:
     return 0.0
 
 
-def train_transformer(work: Path) -> None:
+def train_transformer(work: Path, device: str = "cpu") -> None:
     out = work / "transformer"
     if (out / "model.safetensors").exists():
         return
-    backbone = new_backbone(work)
+    backbone = new_backbone(work, device)
     model = backbone.model
     scenes, codes = load_scenes(work), encode_dataset(work, backbone)
     train_idx = torch.arange(len(scenes) - 1000)  # the last 1000 are the VQGAN's held-out set
@@ -328,7 +331,7 @@ def train_transformer(work: Path) -> None:
         if step % 100 == 0 or step == TRANSFORMER_STEPS:
             save_checkpoint(ckpt_path, model=model.state_dict(), opt=opt.state_dict(), step=step)
     model.eval()
-    model.save_pretrained(out)
+    model.cpu().save_pretrained(out)
 
 
 def export(work: Path) -> None:
@@ -347,13 +350,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("step", choices=["data", "vqgan", "tokenizer", "transformer", "decoder", "export", "all"])
     ap.add_argument("--work", type=Path, default=Path("runs/mini"), help="scratch folder for data and checkpoints")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one); checkpoints "
+                    "resume on either")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # Denormal floats make CPU kernels many times slower once weights and gradients get small.
     torch.set_flush_denormal(True)
     steps = {
-        "data": build_data, "vqgan": train_vqgan, "tokenizer": train_tokenizer,
-        "transformer": train_transformer, "decoder": finetune_decoder, "export": export,
+        "data": build_data, "vqgan": lambda work: train_vqgan(work, device), "tokenizer": train_tokenizer,
+        "transformer": lambda work: train_transformer(work, device),
+        "decoder": lambda work: finetune_decoder(work, device), "export": export,
     }
     # Each step needs the ones before it; finished steps return at once, so asking for a later step
     # simply continues the pipeline.
