@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from ..assets import MINI_DIR
 from ..io import atomic_write_json
 from ..toyworld import caption, pretraining_scene
-from .loop import log, resume, save_checkpoint, zero_denormals
-from .mini import pad_batch
+from .loop import load_checkpoint, log, resume, save_checkpoint, zero_denormals
+from .mini import next_token_losses, pad_batch
 
 CHECKPOINT_EVERY = 25  # steps: a few minutes of 2 CPU cores
 WARMUP = 25
@@ -94,16 +94,11 @@ def focus_batch(backbone, codes, cover, indices: list[int], step: int, subject_w
 
 
 def weighted_sequence_loss(backbone, ids, labels, weights, compute_dtype: str = "float32") -> torch.Tensor:
-    """Full-vocabulary next-token loss as mini.py's `sequence_loss`, each label's term weighted and the sum
-    divided by the weights' sum (so weight 0 everywhere but 1 is exactly the plain mean)."""
-    dtype = getattr(torch, compute_dtype)
-    with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        hidden, _ = backbone.hidden_states(ids)
-        logits = backbone.vocabulary_logits(hidden)
-    logits = logits.float()
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="none")
-    w = weights[:, 1:].reshape(-1) * (labels[:, 1:].reshape(-1) != -100)
-    return (ce * w).sum() / w.sum()
+    """mini.py's pretraining loss with each label's term weighted, the sum divided by the weights' sum (so
+    weight 1 everywhere is exactly the plain mean)."""
+    losses, known = next_token_losses(backbone, ids, labels, getattr(torch, compute_dtype))
+    w = weights.to(losses.device)[:, 1:].reshape(-1) * known
+    return (losses * w).sum() / w.sum()
 
 
 def learning_rate(run: FocusRun, step: int) -> float:
@@ -166,8 +161,6 @@ def export(work: Path, name: str, base: Path = MINI_DIR) -> Path:
     """A model folder `<work>/<name>/model`: the base folder with the run's transformer weights in it."""
     from safetensors.torch import save_model
     from transformers import ChameleonForConditionalGeneration
-
-    from .loop import load_checkpoint
 
     ck = load_checkpoint(work / name / "focus.ckpt")
     if ck is None:
