@@ -140,16 +140,16 @@ def test_a_training_script_resumes_its_modules_and_optimizer_from_the_last_check
 
 
 def test_mini_transformer_schedule_warms_up_decays_and_restarts_at_each_cycle():
-    from tokenbooth.pretrain.mini import TRANSFORMER_CYCLES, TRANSFORMER_STEPS, WARMUP, transformer_lr
+    from tokenbooth.pretrain.mini import V2, WARMUP, transformer_lr
 
     start = 0
-    for steps, peak in TRANSFORMER_CYCLES:
+    for steps, peak in V2.transformer_cycles:
         assert transformer_lr(start) == pytest.approx(peak / WARMUP)  # a fresh warm-up at every cycle start
         assert transformer_lr(start + WARMUP - 1) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * (WARMUP - 1) / steps)))
         assert transformer_lr(start + steps - 1) < peak * 1e-4  # decayed to about zero at the cycle's end
         assert max(transformer_lr(s) for s in range(start, start + steps)) <= peak
         start += steps
-    assert start == TRANSFORMER_STEPS and transformer_lr(TRANSFORMER_STEPS) == 0.0
+    assert start == V2.transformer_steps and transformer_lr(V2.transformer_steps) == 0.0
 
 
 @pytest.mark.parametrize("argv, names", [

@@ -74,3 +74,43 @@ def test_pilot_training_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_
         resumed.step()
     assert _states_equal(straight.model.state_dict(), resumed.model.state_dict())
     assert torch.equal(straight.usage, resumed.usage)
+
+
+def test_deepen_keeps_the_shallow_weights_and_starts_its_new_level_as_pooling_and_identity():
+    from tokenbooth.pretrain.mini_v3_pilot import deepen
+    from tokenbooth.vq import VQGAN
+
+    torch.manual_seed(0)
+    shallow = VQGAN(TINY.vqgan)
+    deep_cfg = VQGANConfig(embed_dim=8, n_embed=16, z_channels=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                           resolution=64)
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    deep = deepen(shallow, deep_cfg, pixels)
+    old, new = shallow.state_dict(), deep.state_dict()
+    shared = [k for k in new if k in old and old[k].shape == new[k].shape]
+    assert len(shared) > 0.7 * len(old)
+    assert all(torch.equal(old[k], new[k]) for k in shared)
+
+    x = torch.randn(1, 64, 8, 8)
+    with torch.no_grad():
+        for block in [*deep.encoder.down[2].block, *deep.decoder.up[2].block]:
+            assert torch.allclose(block(x), x)
+        pooled = torch.nn.functional.avg_pool2d(x, 2)
+        assert torch.allclose(deep.encoder.down[1].downsample(x), pooled, atol=1e-6)
+        assert torch.allclose(deep.decoder.up[2].upsample(pooled), torch.nn.functional.interpolate(pooled, scale_factor=2.0),
+                              atol=1e-6)
+        latents = deep.encode_latent(pixels).permute(0, 2, 3, 1).reshape(-1, 8)
+    # every code starts within noise of one of the new latents
+    gaps = torch.cdist(deep.quantize.embedding.weight, latents).min(dim=1).values
+    assert gaps.max() < 0.1
+    assert deep.encode(pixels).shape == (2, 16, 16)
+
+
+def test_deepen_refuses_anything_but_one_more_level():
+    import pytest
+
+    from tokenbooth.pretrain.mini_v3_pilot import deepen
+    from tokenbooth.vq import VQGAN
+
+    with pytest.raises(ValueError):
+        deepen(VQGAN(TINY.vqgan), TINY.vqgan, torch.zeros(1, 3, 64, 64))

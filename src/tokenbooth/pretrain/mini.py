@@ -1,6 +1,6 @@
-"""Pretrain mini from scratch on toyworld, on a CPU: python -m tokenbooth.pretrain.mini all
+"""Pretrain mini from scratch on toyworld, on a CPU: python -m tokenbooth.pretrain.mini all [--recipe v2|v3]
 
-Four steps, each resumable and each skipped when its output exists:
+Six steps, each resumable and each skipped when its output exists:
   data         render the pretraining scenes (reserved subjects and held-out combinations never appear)
   vqgan        train the tiny VQGAN (L1 + L2 reconstruction + codebook loss, dead codes restarted)
   tokenizer    train the BPE text tokenizer on captions and lay out the Chameleon-style vocabulary
@@ -9,6 +9,8 @@ Four steps, each resumable and each skipped when its output exists:
   export       write the model folder that `--model mini` loads
 Budget on 2 cores, alone: VQGAN about 40 min, encoding 10 min, transformer about 2.5 s a step (4800 steps, 3.3 h),
 decoder 4 min: about 4.2 h in all. `--device cuda` runs the same steps on a GPU (the default when one is there).
+`--recipe v3` (issue #23) trains on a tokenizer made by the pilot (`--vqgan`) and exports to <work>/model;
+`--max-minutes` stops the transformer checkpointed, so a long run spreads over sessions.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,46 +31,83 @@ import torch.nn.functional as F
 from ..backbones.chameleon import PROMPT_TEMPLATE, ChameleonBackbone, ChameleonSpec
 from ..backbones.chameleon_build import BPE_MERGES, chameleon_config, train_bpe_tokenizer
 from ..assets import MINI_DIR
+from ..errors import UserError
 from ..io import atomic_path
 from ..toyworld import Scene, caption, pretraining_scene, render
 from ..vq import VQGAN, VQGANConfig, save_vqgan
 from .loop import load_checkpoint, log, resume, save_checkpoint, zero_denormals  # noqa: F401 (resume: re-exported)
 
 RESOLUTION = 64
-NUM_SCENES = 60_000
-MODEL_DIR = MINI_DIR  # the shipped model folder this script writes
+MODEL_DIR = MINI_DIR  # the shipped model folder `--recipe v2` writes
 
-# The tiny VQGAN: same class as Chameleon's (ch 128, ch_mult 1,1,2,2,4, 8192 codes), 4x downsampling so
-# that 64 px images become 16 x 16 = 256 tokens. 8x (64 tokens) was tried first: its codes smeared the
-# patterns, accents and parts away (21.5 dB), the identity stage 2 exists to learn.
-VQGAN_CONFIG = VQGANConfig(embed_dim=32, n_embed=1024, z_channels=64, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1,
-                           resolution=RESOLUTION)
-# one size token counts 8 px (two latents), as Lumina-mGPT's counts 32 px (two latents of its 16x VQGAN).
-MINI_SPEC = ChameleonSpec(resolution=RESOLUTION, size_unit=8, family="mini")
-VQGAN_STEPS = 8000
-VQGAN_BATCH = 8
-VQGAN_LR = 4e-4
-DECODER_STEPS = 1200
-DECODER_LR = 2e-4
 
-CONTEXT = 384  # prompt (about 40 tokens) + 16 rows of 16 image tokens and a row end + the block's frame
-# Cosine cycles with warm restarts (steps, peak learning rate): the first 1200-step cycle left the loss still
-# falling (1.80) and prompts half-followed; a second, gentler cycle continues from it, so a run that stopped
-# after the first cycle is extended by resuming rather than retrained. The second ended at 1.53 with objects
-# still smudged (backgrounds right 96%, colors and positions about 71%): a third, gentler still, followed.
-TRANSFORMER_CYCLES = ((1200, 1e-3), (1800, 5e-4), (1800, 3e-4))
-TRANSFORMER_STEPS = sum(steps for steps, _ in TRANSFORMER_CYCLES)
-TRANSFORMER_BATCH = 48
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that makes one version of mini: its tokenizer, transformer and their training budgets."""
+
+    name: str
+    vqgan: VQGANConfig
+    size_unit: int  # pixels a size token counts: two VQ latents a side, as in Lumina-mGPT
+    context: int  # positions: a prompt of about 40 tokens + the image block (rows of latents and a row end)
+    # Cosine cycles with warm restarts (steps, peak learning rate), each with its own warm-up
+    transformer_cycles: tuple[tuple[int, float], ...]
+    hidden: int = 256
+    layers: int = 6
+    heads: int = 8
+    transformer_batch: int = 48
+    num_scenes: int = 60_000
+    vqgan_steps: int = 8000  # 0: trained elsewhere, given with --vqgan
+    vqgan_batch: int = 8
+    vqgan_lr: float = 4e-4
+    decoder_steps: int = 1200
+    decoder_lr: float = 2e-4
+    model_dir: Path | None = None  # where `export` writes; None: <work>/model
+
+    @property
+    def transformer_steps(self) -> int:
+        return sum(steps for steps, _ in self.transformer_cycles)
+
+    @property
+    def spec(self) -> ChameleonSpec:
+        return ChameleonSpec(resolution=RESOLUTION, size_unit=self.size_unit, family="mini")
+
+
+# mini v2, what ships. Its VQGAN: the same class as Chameleon's (ch 128, ch_mult 1,1,2,2,4, 8192 codes), 4x
+# down-sampling so that 64 px images become 16 x 16 = 256 tokens. 8x (64 tokens) was tried first from scratch:
+# its codes smeared the patterns, accents and parts away (21.5 dB), the identity stage 2 exists to learn.
+# Its transformer's cycles: the first 1200-step cycle left the loss still falling (1.80) and prompts
+# half-followed; a second, gentler cycle continued from it (a stopped run is extended by resuming, not
+# retrained). The second ended at 1.53 with objects still smudged (backgrounds right 96%, colors and positions
+# about 71%): a third, gentler still, followed.
+V2 = Recipe(
+    name="v2",
+    vqgan=VQGANConfig(embed_dim=32, n_embed=1024, z_channels=64, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1,
+                      resolution=RESOLUTION),
+    size_unit=8, context=384, transformer_cycles=((1200, 1e-3), (1800, 5e-4), (1800, 3e-4)), model_dir=MODEL_DIR)
+# mini v3 (issue #23): 8x down-sampling, 8 x 8 = 64 tokens a picture and 4096 codes. Its VQGAN is not trained
+# here: it is the tokenizer pilot's design D (v2's grown by one level, subject-weighted; mini_v3_pilot.py),
+# passed with --vqgan. A 64-token picture makes a sequence of at most about 115 positions instead of 315, so
+# at v2's steps and batch a transformer of v2's size costs 0.31x v2's step and one of 384 x 8 layers (3.2x
+# v2's parameters) 0.70x (benchmarks/mini_step.py, 2 cores): v3 takes the larger one.
+V3 = Recipe(
+    name="v3",
+    vqgan=VQGANConfig(embed_dim=32, n_embed=4096, z_channels=64, ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1,
+                      resolution=RESOLUTION),
+    size_unit=16, context=160, transformer_cycles=((1200, 1e-3), (1800, 5e-4), (1800, 3e-4)), hidden=384,
+    layers=8, vqgan_steps=0, decoder_steps=0)
+RECIPES = {r.name: r for r in (V2, V3)}
+# v2's names, read by the tokenizer pilot and the tests
+VQGAN_CONFIG, MINI_SPEC = V2.vqgan, V2.spec
 WARMUP = 100
 
 
 # --- data ---------------------------------------------------------------------------------------------
 
-def build_data(work: Path) -> None:
+def build_data(work: Path, recipe: Recipe = V2) -> None:
     if (work / "scenes.jsonl").exists():
         return
-    log(f"rendering {NUM_SCENES} scenes")
-    scenes = [pretraining_scene(i) for i in range(NUM_SCENES)]
+    log(f"rendering {recipe.num_scenes} scenes")
+    scenes = [pretraining_scene(i) for i in range(recipe.num_scenes)]
     pixels = np.stack([np.asarray(render(s, RESOLUTION)) for s in scenes])
     with atomic_path(work / "pixels.npy") as tmp:
         with open(tmp, "wb") as f:
@@ -97,16 +138,22 @@ def restart_dead_codes(model: VQGAN, usage: torch.Tensor, latents: torch.Tensor)
     return len(dead)
 
 
-def train_vqgan(work: Path, device: str = "cpu") -> None:
+def train_vqgan(work: Path, recipe: Recipe = V2, device: str = "cpu", trained: Path | None = None) -> None:
     out = work / "vqgan"
     if (out / "vqgan.safetensors").exists():
         return
+    if trained is not None:  # a tokenizer trained elsewhere (v3's: the pilot's design D)
+        use_trained_vqgan(trained, recipe, out)
+        return
+    if recipe.vqgan_steps == 0:
+        raise UserError(f"mini {recipe.name}'s VQGAN is trained by the tokenizer pilot: pass --vqgan FOLDER "
+                        "(python -m tokenbooth.pretrain.mini_v3_pilot train D --steps 4000 writes <work>/D/vqgan)")
     torch.manual_seed(0)
     pixels = load_pixels(work)
     held_out = pixels[-1000:]  # never trained on: the PSNR in the README is measured on these
     pixels = pixels[:-1000]
-    model = VQGAN(VQGAN_CONFIG).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=VQGAN_LR, betas=(0.5, 0.9))
+    model = VQGAN(recipe.vqgan).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=recipe.vqgan_lr, betas=(0.5, 0.9))
     ckpt_path = work / "vqgan.ckpt"
     step = 0
     if (ck := load_checkpoint(ckpt_path)) is not None:
@@ -115,24 +162,24 @@ def train_vqgan(work: Path, device: str = "cpu") -> None:
         step = ck["step"]
         torch.set_rng_state(ck["rng"])
         log(f"vqgan: resumed at step {step}")
-    usage = torch.zeros(VQGAN_CONFIG.n_embed, device=device)
+    usage = torch.zeros(recipe.vqgan.n_embed, device=device)
     t0 = time.time()
-    while step < VQGAN_STEPS:
-        lr = VQGAN_LR * 0.5 * (1 + math.cos(math.pi * step / VQGAN_STEPS))
+    while step < recipe.vqgan_steps:
+        lr = recipe.vqgan_lr * 0.5 * (1 + math.cos(math.pi * step / recipe.vqgan_steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = pixels[torch.randint(len(pixels), (VQGAN_BATCH,))].to(device)
+        batch = pixels[torch.randint(len(pixels), (recipe.vqgan_batch,))].to(device)
         recon, q_loss, idx = model(batch)
         rec_loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch)
         loss = rec_loss + q_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        usage += torch.bincount(idx.flatten(), minlength=VQGAN_CONFIG.n_embed)
+        usage += torch.bincount(idx.flatten(), minlength=recipe.vqgan.n_embed)
         step += 1
         if step % 50 == 0:
             zero_denormals(opt)
-        if step % 100 == 0 and step < VQGAN_STEPS * 0.8:
+        if step % 100 == 0 and step < recipe.vqgan_steps * 0.8:
             with torch.no_grad():
                 n = restart_dead_codes(model, usage, model.encode_latent(batch))
             usage.zero_()
@@ -143,7 +190,7 @@ def train_vqgan(work: Path, device: str = "cpu") -> None:
             model.eval()
             log(f"vqgan step {step}: held-out PSNR {vqgan_psnr(model, held_out[:200]):.2f} dB (200 renders)")
             model.train()
-        if step % 200 == 0 or step == VQGAN_STEPS:
+        if step % 200 == 0 or step == recipe.vqgan_steps:
             save_checkpoint(ckpt_path, model=model.state_dict(), opt=opt.state_dict(), step=step,
                             rng=torch.get_rng_state())
     model.eval()
@@ -151,13 +198,24 @@ def train_vqgan(work: Path, device: str = "cpu") -> None:
     save_vqgan(model.cpu(), out)
 
 
-def finetune_decoder(work: Path, device: str = "cpu") -> None:
+def use_trained_vqgan(trained: Path, recipe: Recipe, out: Path) -> None:
+    """Copies a VQGAN trained elsewhere into the run, after checking it is the recipe's shape."""
+    from ..vq import load_vqgan
+
+    model = load_vqgan(trained)
+    if model.config != recipe.vqgan:
+        raise UserError(f"--vqgan {trained}: its config is not mini {recipe.name}'s ({model.config} != {recipe.vqgan})")
+    save_vqgan(model, out)
+    log(f"vqgan: {trained} ({recipe.vqgan.downsample}x, {recipe.vqgan.n_embed} codes)")
+
+
+def finetune_decoder(work: Path, recipe: Recipe = V2, device: str = "cpu") -> None:
     """More training for the decoder alone, with encoder and codebook frozen: pictures get sharper while
     every image's tokens, and so the transformer trained on them, stay exactly valid."""
     from ..vq import load_vqgan
 
     done = work / "vqgan" / "decoder_finetuned"
-    if done.exists():
+    if done.exists() or recipe.decoder_steps == 0:
         return
     torch.manual_seed(1)
     model = load_vqgan(work / "vqgan").to(device)
@@ -169,12 +227,12 @@ def finetune_decoder(work: Path, device: str = "cpu") -> None:
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=DECODER_LR, betas=(0.5, 0.9))
+    opt = torch.optim.Adam(params, lr=recipe.decoder_lr, betas=(0.5, 0.9))
     model.train()
-    for step in range(1, DECODER_STEPS + 1):
+    for step in range(1, recipe.decoder_steps + 1):
         for g in opt.param_groups:
-            g["lr"] = DECODER_LR * 0.5 * (1 + math.cos(math.pi * step / DECODER_STEPS))
-        batch = pixels[torch.randint(len(pixels), (VQGAN_BATCH,))].to(device)
+            g["lr"] = recipe.decoder_lr * 0.5 * (1 + math.cos(math.pi * step / recipe.decoder_steps))
+        batch = pixels[torch.randint(len(pixels), (recipe.vqgan_batch,))].to(device)
         with torch.no_grad():
             zq = model.quantize.lookup(model.encode(batch))
         recon = model.decode_latent(zq)
@@ -208,13 +266,13 @@ def vqgan_psnr(model: VQGAN, pixels: torch.Tensor) -> float:
 
 # --- text tokenizer and vocabulary ---------------------------------------------------------------------
 
-def train_tokenizer(work: Path) -> None:
+def train_tokenizer(work: Path, recipe: Recipe = V2) -> None:
     if (work / "tokenizer.json").exists():
         return
     rng = random.Random(0)
     texts = [caption(s, rng) for s in load_scenes(work)[:20000]]
     texts += [PROMPT_TEMPLATE.format(w=RESOLUTION, h=RESOLUTION, prompt="")] * 1000
-    tok = train_bpe_tokenizer(texts, VQGAN_CONFIG.n_embed, BPE_MERGES)
+    tok = train_bpe_tokenizer(texts, recipe.vqgan.n_embed, BPE_MERGES)
     with atomic_path(work / "tokenizer.json") as tmp:
         tok.save(str(tmp))
     log(f"tokenizer: {tok.get_vocab_size()} tokens")
@@ -222,7 +280,7 @@ def train_tokenizer(work: Path) -> None:
 
 # --- transformer ----------------------------------------------------------------------------------------
 
-def new_backbone(work: Path, device: str = "cpu"):
+def new_backbone(work: Path, recipe: Recipe = V2, device: str = "cpu"):
     from tokenizers import Tokenizer
     from transformers import ChameleonForConditionalGeneration
 
@@ -230,9 +288,10 @@ def new_backbone(work: Path, device: str = "cpu"):
 
     tokenizer = Tokenizer.from_file(str(work / "tokenizer.json"))
     torch.manual_seed(0)
-    model = ChameleonForConditionalGeneration(chameleon_config(tokenizer.get_vocab(), VQGAN_CONFIG.n_embed, context=CONTEXT,
-                                                                resolution=RESOLUTION)).to(device)
-    return ChameleonBackbone("mini", model, tokenizer, load_vqgan(work / "vqgan"), MINI_SPEC)
+    config = chameleon_config(tokenizer.get_vocab(), recipe.vqgan.n_embed, hidden=recipe.hidden, layers=recipe.layers,
+                              heads=recipe.heads, context=recipe.context, resolution=RESOLUTION)
+    model = ChameleonForConditionalGeneration(config).to(device)
+    return ChameleonBackbone("mini", model, tokenizer, load_vqgan(work / "vqgan"), recipe.spec)
 
 
 @torch.no_grad()
@@ -290,10 +349,10 @@ def next_token_losses(backbone, ids, labels, compute_dtype=torch.bfloat16):
     return losses, known
 
 
-def transformer_lr(step: int) -> float:
+def transformer_lr(step: int, recipe: Recipe = V2) -> float:
     """Linear warm-up at the start of each cycle, then cosine decay to zero at its end."""
     start = 0
-    for steps, peak in TRANSFORMER_CYCLES:
+    for steps, peak in recipe.transformer_cycles:
         if step < start + steps:
             t = step - start
             return peak * min(1.0, (t + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * t / steps))
@@ -301,11 +360,16 @@ def transformer_lr(step: int) -> float:
     return 0.0
 
 
-def train_transformer(work: Path, device: str = "cpu") -> None:
+def cycle_ends(recipe: Recipe) -> list[int]:
+    return [sum(steps for steps, _ in recipe.transformer_cycles[: i + 1]) for i in range(len(recipe.transformer_cycles))]
+
+
+def train_transformer(work: Path, recipe: Recipe = V2, device: str = "cpu", max_minutes: float | None = None) -> bool:
+    """Trains (or resumes) to the recipe's last step; stops checkpointed after max_minutes. True when done."""
     out = work / "transformer"
     if (out / "model.safetensors").exists():
-        return
-    backbone = new_backbone(work, device)
+        return True
+    backbone = new_backbone(work, recipe, device)
     model = backbone.model
     scenes, codes = load_scenes(work), encode_dataset(work, backbone)
     train_idx = torch.arange(len(scenes) - 1000)  # the last 1000 are the VQGAN's held-out set
@@ -313,17 +377,17 @@ def train_transformer(work: Path, device: str = "cpu") -> None:
     decay = [p for p in trainable.values() if p.dim() >= 2]
     no_decay = [p for p in trainable.values() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=TRANSFORMER_CYCLES[0][1], betas=(0.9, 0.95))
+                            lr=recipe.transformer_cycles[0][1], betas=(0.9, 0.95))
     ckpt_path = work / "transformer.ckpt"
     step = resume(ckpt_path, "transformer", opt, model=model)
     model.train()
-    t0, running = time.time(), 0.0
-    while step < TRANSFORMER_STEPS:
-        lr = transformer_lr(step)
+    started, t0, running = time.time(), time.time(), 0.0
+    while step < recipe.transformer_steps:
+        lr = transformer_lr(step, recipe)
         for g in opt.param_groups:
             g["lr"] = lr
         gen = torch.Generator().manual_seed(step)
-        batch_idx = train_idx[torch.randint(len(train_idx), (TRANSFORMER_BATCH,), generator=gen)].tolist()
+        batch_idx = train_idx[torch.randint(len(train_idx), (recipe.transformer_batch,), generator=gen)].tolist()
         ids, labels = training_batch(backbone, scenes, codes, batch_idx, step)
         loss = sequence_loss(backbone, ids, labels)
         opt.zero_grad(set_to_none=True)
@@ -337,22 +401,31 @@ def train_transformer(work: Path, device: str = "cpu") -> None:
         if step % 25 == 0:
             log(f"transformer step {step} loss {running / 25:.4f} lr {lr:.2e} ({(time.time() - t0) / 25:.2f}s/step)")
             t0, running = time.time(), 0.0
-        if step % 100 == 0 or step == TRANSFORMER_STEPS:
+        if step in cycle_ends(recipe)[:-1]:  # each cycle ends decayed: a model worth scoring on its own
+            model.save_pretrained(work / f"transformer-step{step}")
+        out_of_time = max_minutes is not None and time.time() - started > 60 * max_minutes
+        if step % 100 == 0 or step == recipe.transformer_steps or out_of_time:
             save_checkpoint(ckpt_path, model=model.state_dict(), opt=opt.state_dict(), step=step)
+        if out_of_time and step < recipe.transformer_steps:
+            log(f"transformer: stopped at step {step} after {max_minutes} min; run again to continue")
+            return False
     model.eval()
     model.cpu().save_pretrained(out)
+    return True
 
 
-def export(work: Path) -> None:
-    """Assemble the model folder that ships in the package."""
+def export(work: Path, recipe: Recipe = V2, transformer: Path | None = None, folder: Path | None = None) -> None:
+    """Assemble the model folder that `--model` loads: v2's is the one that ships in the package. `transformer`
+    (default: the finished one) may be a cycle's snapshot, <work>/transformer-step<N>."""
     from transformers import ChameleonForConditionalGeneration
 
     from ..backbones.chameleon import save_chameleon
 
-    backbone = new_backbone(work)
-    backbone.model = ChameleonForConditionalGeneration.from_pretrained(work / "transformer")
-    save_chameleon(backbone, MODEL_DIR)
-    log(f"exported mini to {MODEL_DIR}")
+    backbone = new_backbone(work, recipe)
+    backbone.model = ChameleonForConditionalGeneration.from_pretrained(transformer or work / "transformer")
+    folder = folder or recipe.model_dir or work / "model"
+    save_chameleon(backbone, folder)
+    log(f"exported mini {recipe.name} to {folder}")
 
 
 def main(argv=None) -> None:
@@ -361,22 +434,32 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/mini"), help="scratch folder for data and checkpoints")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one); checkpoints "
                     "resume on either")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="v2", help="which mini to train (v2 ships)")
+    ap.add_argument("--vqgan", type=Path, help="a trained VQGAN folder to use instead of training one (v3: the "
+                    "tokenizer pilot's design D)")
+    ap.add_argument("--max-minutes", type=float, help="stop the transformer after this long, checkpointed")
     args = ap.parse_args(argv)
+    recipe = RECIPES[args.recipe]
     args.work.mkdir(parents=True, exist_ok=True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # Denormal floats make CPU kernels many times slower once weights and gradients get small.
     torch.set_flush_denormal(True)
     steps = {
-        "data": build_data, "vqgan": lambda work: train_vqgan(work, device), "tokenizer": train_tokenizer,
-        "transformer": lambda work: train_transformer(work, device),
-        "decoder": lambda work: finetune_decoder(work, device), "export": export,
+        "data": lambda work: build_data(work, recipe),
+        "vqgan": lambda work: train_vqgan(work, recipe, device, trained=args.vqgan),
+        "tokenizer": lambda work: train_tokenizer(work, recipe),
+        "transformer": lambda work: train_transformer(work, recipe, device, args.max_minutes),
+        "decoder": lambda work: finetune_decoder(work, recipe, device),
+        "export": lambda work: export(work, recipe),
     }
     # Each step needs the ones before it; finished steps return at once, so asking for a later step
-    # simply continues the pipeline.
-    for name, fn in steps.items():
-        fn(args.work)
-        if name == args.step:
-            break
+    # simply continues the pipeline. A transformer stopped by --max-minutes ends the run there.
+    try:
+        for name, fn in steps.items():
+            if fn(args.work) is False or name == args.step:
+                break
+    except UserError as e:
+        sys.exit(f"tokenbooth: error: {e}")
 
 
 if __name__ == "__main__":

@@ -39,11 +39,11 @@ from ..io import atomic_write_json
 from ..toyworld import pretraining_scene
 from ..vq import load_vqgan, save_vqgan
 from .loop import log, save_checkpoint, zero_denormals
-from .mini_v3_pilot import HELD_OUT_SEED, render_set
+from .mini_v3_pilot import HELD_OUT_SPLITS as SPLITS
+from .mini_v3_pilot import held_out_scenes, render_set
 from .mini_v3_score import identity_all, psnr
 
 NUM_TRAIN = 20_000
-SPLITS = {"test": range(0, 500), "dev": range(500, 1000)}  # indices in the held-out stream (base seed 7)
 CHECKPOINT_EVERY = 200  # steps: about a minute of 2 CPU cores
 SHIPPED = MINI_DIR / "vqgan"
 
@@ -63,7 +63,7 @@ class DecoderRun:
 def split_scenes(split: str):
     if split == "train":
         return [pretraining_scene(i) for i in range(NUM_TRAIN)]
-    return [pretraining_scene(i, base_seed=HELD_OUT_SEED) for i in SPLITS[split]]
+    return held_out_scenes(split=split)
 
 
 def build_split(work: Path, split: str) -> Path:

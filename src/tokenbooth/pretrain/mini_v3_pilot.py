@@ -27,17 +27,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..assets import MINI_DIR
 from ..io import atomic_write_json
 from ..toyworld import Scene, pretraining_scene, render
 # The renderer's own drawers, so that the mask is exactly what `render` paints (toyworld has no public mask).
 from ..toyworld.render import CANVAS, DRAWERS, _accessory, _Painter, draw_background, object_box
-from ..vq import VQGAN, VQGANConfig, save_vqgan
+from ..vq import VQGAN, VQGANConfig, load_vqgan, save_vqgan
 from .loop import log, save_checkpoint, zero_denormals
 from .mini import RESOLUTION, VQGAN_CONFIG, restart_dead_codes
 
 NUM_TRAIN = 20_000  # pretraining scenes 0..N-1 of v2's stream (base seed 0); a 30-minute run sees ~1 epoch
 NUM_HELD_OUT = 500  # scored on: the reader's held-out stream (base seed 7), never trained on by any VQGAN here
 HELD_OUT_SEED = 7
+# indices in the held-out stream: every later choice is made on "dev", "test" is reported once
+HELD_OUT_SPLITS = {"test": range(0, NUM_HELD_OUT), "dev": range(NUM_HELD_OUT, 2 * NUM_HELD_OUT)}
 CHECKPOINT_EVERY = 50  # steps: a few minutes at the 1.5-4 s a step one shared CPU thread gives
 
 
@@ -50,6 +53,7 @@ class Design:
     subject_weight: float = 0.0  # a subject pixel counts 1 + this in the reconstruction loss
     lr: float = 4e-4
     batch: int = 8
+    grow_from: Path | None = None  # a trained VQGAN one level shallower to start from (see `deepen`)
     note: str = ""
 
 
@@ -65,6 +69,12 @@ DESIGNS = {
     # (one more 128-channel level), to tell "8x with 4096 codes" apart from "a wider net starts slower".
     "C": Design("C", replace(WIDE_8X, z_channels=64, ch_mult=(1, 2, 4, 4)), subject_weight=4.0,
                 note="B with v2's channels: 8x, 64 tokens, 4096 codes, 32-64-128-128 channels, subject 5x"),
+    # B and C learned too slowly from scratch on a CPU. D is C grown from v2's trained 4x tokenizer: its levels
+    # keep v2's weights, the new 8 px level starts as an average pool / identity, so training begins from a
+    # working (blurred) 8x tokenizer instead of noise; batch 16 feeds 4096 codes twice as often as C's 8.
+    "D": Design("D", replace(WIDE_8X, z_channels=64, ch_mult=(1, 2, 4, 4)), subject_weight=4.0, lr=2e-4, batch=16,
+                grow_from=MINI_DIR / "vqgan",
+                note="C grown from v2's shipped 4x tokenizer (one identity-initialised 8 px level), batch 16, lr 2e-4"),
 }
 
 
@@ -99,6 +109,45 @@ def token_share(mask: np.ndarray, down: int, min_cover: float = 0.25) -> float:
     return float((cells >= min_cover).mean())
 
 
+# --- growing a trained tokenizer by one level -------------------------------------------------------------
+
+@torch.no_grad()
+def deepen(shallow: VQGAN, cfg: VQGANConfig, pixels: torch.Tensor) -> VQGAN:
+    """A VQGAN of `cfg` (one level more than `shallow`'s) that starts as `shallow` with its latent grid halved.
+
+    Every tensor whose name and shape agree is copied. The new encoder level's blocks are identities (their last
+    conv zeroed; blocks are residual) behind a down-sampling conv set to a 2 x 2 average; the new decoder level's
+    blocks are identities before a nearest up-sampling whose conv is the identity. The codebook is drawn from the
+    new latents of `pixels`, so each code starts where latents are."""
+    if len(cfg.ch_mult) != len(shallow.config.ch_mult) + 1:
+        raise ValueError("deepen adds exactly one level")
+    deep = VQGAN(cfg)
+    old = shallow.state_dict()
+    state = deep.state_dict()
+    for name, tensor in state.items():
+        if name in old and old[name].shape == tensor.shape:
+            tensor.copy_(old[name])
+    new_level = len(cfg.ch_mult) - 1
+    for block in [*deep.encoder.down[new_level].block, *deep.decoder.up[new_level].block]:
+        block.conv2.weight.zero_()
+        block.conv2.bias.zero_()
+    down = deep.encoder.down[new_level - 1].downsample.conv  # the shallow net's last level now halves its grid
+    up = deep.decoder.up[new_level].upsample.conv
+    for conv, taps in ((down, (slice(0, 2), slice(0, 2))), (up, (slice(1, 2), slice(1, 2)))):
+        conv.weight.zero_()
+        conv.bias.zero_()
+        channels = torch.arange(conv.weight.shape[0])
+        weight = 1.0 / (taps[0].stop - taps[0].start) ** 2
+        conv.weight[channels, channels, taps[0], taps[1]] = weight
+    latents = deep.encode_latent(pixels).permute(0, 2, 3, 1).reshape(-1, cfg.embed_dim)
+    picks = torch.randperm(len(latents))[: cfg.n_embed]
+    codes = latents[picks]
+    if len(codes) < cfg.n_embed:
+        codes = codes[torch.randint(len(codes), (cfg.n_embed,))]
+    deep.quantize.embedding.weight.copy_(codes + 0.01 * torch.randn_like(codes))
+    return deep
+
+
 # --- data -------------------------------------------------------------------------------------------------
 
 def render_set(scenes: list[Scene]) -> tuple[np.ndarray, np.ndarray]:
@@ -108,8 +157,9 @@ def render_set(scenes: list[Scene]) -> tuple[np.ndarray, np.ndarray]:
     return pixels, masks
 
 
-def held_out_scenes(n: int = NUM_HELD_OUT) -> list[Scene]:
-    return [pretraining_scene(i, base_seed=HELD_OUT_SEED) for i in range(n)]
+def held_out_scenes(n: int = NUM_HELD_OUT, split: str = "test") -> list[Scene]:
+    """The first n scenes of a split of the held-out stream: the pilot scored on "test" (it came first)."""
+    return [pretraining_scene(i, base_seed=HELD_OUT_SEED) for i in HELD_OUT_SPLITS[split][:n]]
 
 
 def build_data(work: Path, num_train: int = NUM_TRAIN, num_held_out: int = NUM_HELD_OUT) -> None:
@@ -156,6 +206,11 @@ class Trainer:
         torch.manual_seed(0)
         self.pixels, self.masks = load_set(work, "train", device)
         self.model = VQGAN(design.vqgan).to(device).train()
+        if design.grow_from is not None and not self.ckpt_path.exists():
+            # n_embed latents need n_embed / tokens-per-picture pictures (the first ones: no step draws them so)
+            per_picture = (RESOLUTION // design.vqgan.downsample) ** 2
+            sample = self.pixels[: -(-design.vqgan.n_embed // per_picture)].cpu()
+            self.model = deepen(load_vqgan(design.grow_from), design.vqgan, sample).to(device).train()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=design.lr, betas=(0.5, 0.9))
         self.usage = torch.zeros(design.vqgan.n_embed, device=device)
         # wall-clock and CPU seconds of training steps: on a shared machine CPU time is the fairer measure

@@ -27,7 +27,7 @@ from ..io import atomic_save_image, atomic_write_json
 from ..toyworld import pretraining_scene
 from ..vq import load_vqgan
 from .mini import log
-from .mini_v3_pilot import held_out_scenes, token_share
+from .mini_v3_pilot import HELD_OUT_SPLITS, held_out_scenes, render_set, token_share
 from .reader import reconstructions
 
 V2_SHIPPED = MINI_DIR / "vqgan"
@@ -57,6 +57,18 @@ def codes_used(vqgan_dir: Path, pixels: np.ndarray) -> int:
     vqgan = load_vqgan(vqgan_dir)
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return int(torch.cat([vqgan.encode(c).flatten() for c in x.split(100)]).unique().numel())
+
+
+def held_out_renders(work: Path, split: str, scenes) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 renders and [0, 1] subject coverage of a held-out split (test: the pilot's held_out.npz)."""
+    path = work / ("held_out.npz" if split == "test" else f"held_out-{split}.npz")
+    if not path.exists():
+        pixels, masks = render_set(scenes)
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(tmp, pixels=pixels, masks=masks)
+        tmp.replace(path)
+    data = np.load(path)
+    return data["pixels"], data["masks"].astype(np.float32) / 255.0
 
 
 def score_tokenizer(vqgan_dir: Path, reader, renders, scenes, pixels, masks) -> tuple[dict, list]:
@@ -100,14 +112,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("runs/v3pilot"))
     ap.add_argument("--only", nargs="*", help="score only these (design names, 'v2'); keep the others' figures")
+    ap.add_argument("--split", choices=sorted(HELD_OUT_SPLITS), default="test",
+                    help="held-out renders to score on: choose on dev, report test once (the pilot's first "
+                         "designs were scored on test)")
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
-    data = np.load(args.work / "held_out.npz")
-    pixels, masks = data["pixels"], data["masks"].astype(np.float32) / 255.0
-    scenes = held_out_scenes(len(pixels))
+    scenes = held_out_scenes(split=args.split)
+    pixels, masks = held_out_renders(args.work, args.split, scenes)
     renders = [Image.fromarray(p) for p in pixels]
     reader = load_reader()
-    results_path = args.work / "results.json"
+    suffix = "" if args.split == "test" else f"-{args.split}"
+    results_path = args.work / f"results{suffix}.json"
     results = json.loads(results_path.read_text()) if args.only and results_path.exists() else {}
     if "renders" not in results:
         results.update({"n_held_out": len(scenes), "subject_share": subject_share(args.work),
@@ -127,8 +142,8 @@ def main(argv=None) -> None:
                 results[name]["run"] = json.loads(run.read_text())
         recon = reconstructions(folder, renders[:GRID_COLUMNS])  # the grid's few pictures, redrawn cheaply
         rows.append((name, recon))
-        grid([("renders", renders), (name, recon)], args.work / f"grid-{name.replace(' ', '-')}.png")
-    grid(rows, args.work / "grid.png")
+        grid([("renders", renders), (name, recon)], args.work / f"grid-{name.replace(' ', '-')}{suffix}.png")
+    grid(rows, args.work / f"grid{suffix}.png")
     atomic_write_json(results_path, results)
     attrs = list(VALUES)
     log("design  tokens  PSNR  subject  id-all  " + "  ".join(a[:6] for a in attrs))
