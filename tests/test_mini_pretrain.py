@@ -94,3 +94,16 @@ def test_max_minutes_stops_the_transformer_checkpointed_and_a_second_run_finishe
     mini.main(["transformer", "--work", str(tmp_path), "--device", "cpu"])
     assert mini.load_checkpoint(tmp_path / "transformer.ckpt")["step"] == toy.transformer_steps
     assert (tmp_path / "transformer" / "model.safetensors").is_file()
+
+
+def test_a_resumed_run_logs_the_mean_loss_and_pace_of_the_steps_it_ran(tmp_path, monkeypatch, capsys):
+    toy = _toy_size(monkeypatch)
+    monkeypatch.setitem(mini.RECIPES, "v2", replace(toy, transformer_cycles=((26, 1e-3),)))
+    real_loss = mini.sequence_loss
+    # every step's loss reads 2.0 (its gradient untouched), so the logged mean must too, whatever the window
+    monkeypatch.setattr(mini, "sequence_loss", lambda *a: (lambda loss: loss - loss.detach() + 2.0)(real_loss(*a)))
+    mini.main(["transformer", "--work", str(tmp_path), "--device", "cpu", "--max-minutes", "0"])
+    capsys.readouterr()
+    mini.main(["transformer", "--work", str(tmp_path), "--device", "cpu"])
+    logged = [line for line in capsys.readouterr().out.splitlines() if "transformer step 25 " in line]
+    assert len(logged) == 1 and " loss 2.0000 " in logged[0], logged

@@ -87,8 +87,8 @@ V2 = Recipe(
 # mini v3 (issue #23): 8x down-sampling, 8 x 8 = 64 tokens a picture and 4096 codes. Its VQGAN is not trained
 # here: it is the tokenizer pilot's design D (v2's grown by one level, subject-weighted; mini_v3_pilot.py),
 # passed with --vqgan. A 64-token picture makes a sequence of at most about 115 positions instead of 315, so
-# at v2's steps and batch a transformer of v2's size costs 0.31x v2's step and one of 384 x 8 layers (3.2x
-# v2's parameters) 0.70x (benchmarks/mini_step.py, 2 cores): v3 takes the larger one.
+# at v2's steps and batch a transformer of v2's size costs 0.26x v2's step and one of 384 x 8 layers (3.2x
+# v2's parameters) 0.60x (benchmarks/mini_step.py, 2 cores): v3 takes the larger one.
 V3 = Recipe(
     name="v3",
     vqgan=VQGANConfig(embed_dim=32, n_embed=4096, z_channels=64, ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1,
@@ -381,7 +381,7 @@ def train_transformer(work: Path, recipe: Recipe = V2, device: str = "cpu", max_
     ckpt_path = work / "transformer.ckpt"
     step = resume(ckpt_path, "transformer", opt, model=model)
     model.train()
-    started, t0, running = time.time(), time.time(), 0.0
+    started, t0, running, since_log = time.time(), time.time(), 0.0, 0  # a resumed run's first log is short
     while step < recipe.transformer_steps:
         lr = transformer_lr(step, recipe)
         for g in opt.param_groups:
@@ -397,10 +397,11 @@ def train_transformer(work: Path, recipe: Recipe = V2, device: str = "cpu", max_
         step += 1
         if step % 50 == 0:
             zero_denormals(opt)
-        running += loss.item()
+        running, since_log = running + loss.item(), since_log + 1
         if step % 25 == 0:
-            log(f"transformer step {step} loss {running / 25:.4f} lr {lr:.2e} ({(time.time() - t0) / 25:.2f}s/step)")
-            t0, running = time.time(), 0.0
+            log(f"transformer step {step} loss {running / since_log:.4f} lr {lr:.2e} "
+                f"({(time.time() - t0) / since_log:.2f}s/step)")
+            t0, running, since_log = time.time(), 0.0, 0
         if step in cycle_ends(recipe)[:-1]:  # each cycle ends decayed: a model worth scoring on its own
             model.save_pretrained(work / f"transformer-step{step}")
         out_of_time = max_minutes is not None and time.time() - started > 60 * max_minutes
