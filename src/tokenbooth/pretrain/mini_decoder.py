@@ -41,7 +41,7 @@ from ..vq import load_vqgan, save_vqgan
 from .loop import log, save_checkpoint, zero_denormals
 from .mini_v3_pilot import HELD_OUT_SPLITS as SPLITS
 from .mini_v3_pilot import held_out_scenes, render_set
-from .mini_v3_score import identity_all, psnr
+from .mini_v3_score import identity_figures, psnr
 
 NUM_TRAIN = 20_000
 CHECKPOINT_EVERY = 200  # steps: about a minute of 2 CPU cores
@@ -187,7 +187,7 @@ def score(vqgan_dir: Path, work: Path, split: str, reader) -> dict:
     scenes = split_scenes(split)
     return {"psnr": psnr(arr, truth), "psnr_subject": psnr(arr, truth, cover >= 0.5),
             "psnr_background": psnr(arr, truth, cover < 0.5),
-            "reader": accuracy(reader, images, scenes), "identity_all": identity_all(reader, images, scenes)}
+            "reader": accuracy(reader, images, scenes), **identity_figures(reader, images, scenes)}
 
 
 def score_runs(work: Path, names: list[str], split: str) -> dict:

@@ -3,6 +3,7 @@
     python -m tokenbooth.pretrain.mini_v3_pilot data  --work /work/runs/v3pilot
     python -m tokenbooth.pretrain.mini_v3_pilot bench --work /work/runs/v3pilot   # seconds a step, each design
     python -m tokenbooth.pretrain.mini_v3_pilot train B --steps 1500 --work /work/runs/v3pilot [--device cuda]
+    python -m tokenbooth.pretrain.mini_v3_pilot train E --steps 2800 --work /work/runs/v3pilot   # D + adversarial
     python -m tokenbooth.pretrain.mini_v3_score --work /work/runs/v3pilot          # figures and grids
 
 Every design is tokenbooth's own `VQGAN` class (the Lumina-mGPT code path); only `VQGANConfig` and the loss
@@ -54,6 +55,12 @@ class Design:
     lr: float = 4e-4
     batch: int = 8
     grow_from: Path | None = None  # a trained VQGAN one level shallower to start from (see `deepen`)
+    # A patch discriminator trained alongside: its hinge loss and the L1 distance between its features on the
+    # render and on the reconstruction (a perceptual loss learned here, from no instrument) join the loss,
+    # scaled so that their gradient at the decoder's last layer is `adversarial_weight` times the
+    # reconstruction's (taming's adaptive weight), from step `adversarial_start` on. 0: no discriminator.
+    adversarial_weight: float = 0.0
+    adversarial_start: int = 0
     note: str = ""
 
 
@@ -76,6 +83,11 @@ DESIGNS = {
                 grow_from=MINI_DIR / "vqgan",
                 note="C grown from v2's shipped 4x tokenizer (one identity-initialised 8 px level), batch 16, lr 2e-4"),
 }
+# D's reconstructions lose what L1 + L2 blur away (handles, antennae, the accent): E adds the sharpening losses
+# VQGAN itself trains with, a discriminator and a perceptual distance, both learned in the run. The generator's
+# term waits until the discriminator has had 300 steps to learn what renders look like.
+DESIGNS["E"] = replace(DESIGNS["D"], name="E", adversarial_weight=0.5, adversarial_start=300,
+                       note="D plus a patch discriminator: hinge loss and feature matching, adaptive weight 0.5")
 
 
 # --- the subject's pixels, from the renderer ---------------------------------------------------------------
@@ -183,6 +195,49 @@ def load_set(work: Path, name: str, device: str = "cpu") -> tuple[torch.Tensor, 
     return pixels.to(device), masks.to(device)
 
 
+# --- the discriminator: an adversarial and a perceptual loss learned in the run -----------------------------
+
+class PatchDiscriminator(torch.nn.Module):
+    """Real-or-reconstructed logits for each 8 x 8-pixel patch of a 64-px picture (pix2pix's PatchGAN, three
+    stride-2 levels); `features` are what the perceptual loss compares."""
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128)):
+        super().__init__()
+        levels, c_in = [], 3
+        for i, c in enumerate(channels):
+            norm = torch.nn.Identity() if i == 0 else torch.nn.GroupNorm(8, c)
+            levels.append(torch.nn.Sequential(torch.nn.Conv2d(c_in, c, 4, stride=2, padding=1), norm,
+                                              torch.nn.LeakyReLU(0.2)))
+            c_in = c
+        self.levels = torch.nn.ModuleList(levels)
+        self.head = torch.nn.Conv2d(c_in, 1, 3, padding=1)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        features, h = [], pixels
+        for level in self.levels:
+            h = level(h)
+            features.append(h)
+        return self.head(h), features
+
+
+def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    return torch.relu(1 - real_logits).mean() + torch.relu(1 + fake_logits).mean()
+
+
+def feature_matching_loss(real: list[torch.Tensor], fake: list[torch.Tensor]) -> torch.Tensor:
+    """Mean L1 distance of the discriminator's features, each level divided by the real features' mean size so
+    that every level counts alike (pix2pixHD's feature matching)."""
+    return sum((f - r.detach()).abs().mean() / (r.detach().abs().mean() + 1e-6) for r, f in zip(real, fake)) / len(real)
+
+
+def adaptive_weight(rec: torch.Tensor, adversarial: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """taming's balance: the ratio of the two losses' gradient norms at the decoder's last layer, so the
+    adversarial term pushes as hard as the reconstruction whatever their scales (clamped, detached)."""
+    rec_grad = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
+    adv_grad = torch.autograd.grad(adversarial, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
 # --- training ---------------------------------------------------------------------------------------------
 
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, subject_weight: float):
@@ -212,6 +267,10 @@ class Trainer:
             sample = self.pixels[: -(-design.vqgan.n_embed // per_picture)].cpu()
             self.model = deepen(load_vqgan(design.grow_from), design.vqgan, sample).to(device).train()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=design.lr, betas=(0.5, 0.9))
+        self.disc = self.disc_opt = None
+        if design.adversarial_weight > 0:
+            self.disc = PatchDiscriminator().to(device).train()
+            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=design.lr, betas=(0.5, 0.9))
         self.usage = torch.zeros(design.vqgan.n_embed, device=device)
         # wall-clock and CPU seconds of training steps: on a shared machine CPU time is the fairer measure
         self.step_no, self.seconds, self.cpu_seconds = 0, 0.0, 0.0
@@ -220,43 +279,79 @@ class Trainer:
             self.model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["opt"])
             self.usage = ck["usage"].to(device)
+            if self.disc is not None:
+                self.disc.load_state_dict(ck["disc"])
+                self.disc_opt.load_state_dict(ck["disc_opt"])
             self.step_no, self.seconds, self.cpu_seconds = ck["step"], ck["seconds"], ck.get("cpu_seconds", 0.0)
             torch.set_rng_state(ck["rng"])
             if device != "cpu" and "cuda_rng" in ck:
                 torch.cuda.set_rng_state(ck["cuda_rng"])
             log(f"{design.name}: resumed at step {self.step_no}")
 
+    @property
+    def optimizers(self) -> list:
+        return [self.opt] if self.disc_opt is None else [self.opt, self.disc_opt]
+
     def step(self) -> dict:
         d, step = self.design, self.step_no
-        for g in self.opt.param_groups:
-            g["lr"] = d.lr * 0.5 * (1 + math.cos(math.pi * step / self.total_steps))
+        lr = d.lr * 0.5 * (1 + math.cos(math.pi * step / self.total_steps))
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = lr
         # the batch is a function of the step, so a resumed run draws what an uninterrupted one would
         gen = torch.Generator().manual_seed(step)
         idx = torch.randint(len(self.pixels), (d.batch,), generator=gen).to(self.device)
         batch, mask = self.pixels[idx], self.masks[idx]
         recon, q_loss, codes = self.model(batch)
         rec = reconstruction_loss(recon, batch, mask, d.subject_weight)
+        loss, out = rec + q_loss, {"rec": rec.item(), "q": q_loss.item()}
+        if self.disc is not None and step >= d.adversarial_start:
+            fake_logits, fake_features = self.disc(recon)
+            with torch.no_grad():
+                _, real_features = self.disc(batch)
+            sharpen = -fake_logits.mean() + feature_matching_loss(real_features, fake_features)
+            weight = d.adversarial_weight * adaptive_weight(rec, sharpen, self.model.decoder.conv_out.weight)
+            loss = loss + weight * sharpen
+            out.update(sharpen=sharpen.item(), weight=weight.item())
         self.opt.zero_grad(set_to_none=True)
-        (rec + q_loss).backward()
+        loss.backward()
         self.opt.step()
+        if self.disc is not None:
+            out["disc"] = self.discriminator_step(batch, recon.detach())
         self.usage += torch.bincount(codes.flatten(), minlength=d.vqgan.n_embed)
         self.step_no += 1
-        out = {"rec": rec.item(), "q": q_loss.item()}
         if self.step_no % 50 == 0 and self.device == "cpu":
-            zero_denormals(self.opt)
+            for opt in self.optimizers:
+                zero_denormals(opt)
         if self.step_no % 100 == 0 and self.step_no < 0.8 * self.total_steps:  # v2's dead-code restarts
             with torch.no_grad():
                 out["restarted"] = restart_dead_codes(self.model, self.usage, self.model.encode_latent(batch))
             self.usage.zero_()
         return out
 
+    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
+        real_logits, _ = self.disc(real)
+        fake_logits, _ = self.disc(fake)
+        loss = hinge_discriminator_loss(real_logits, fake_logits)
+        self.disc_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.disc_opt.step()
+        return loss.item()
+
     def save_checkpoint(self) -> None:
         state = dict(model=self.model.state_dict(), opt=self.opt.state_dict(), step=self.step_no,
                      seconds=self.seconds, cpu_seconds=self.cpu_seconds, usage=self.usage.cpu(),
                      rng=torch.get_rng_state())
+        if self.disc is not None:
+            state.update(disc=self.disc.state_dict(), disc_opt=self.disc_opt.state_dict())
         if self.device != "cpu":
             state["cuda_rng"] = torch.cuda.get_rng_state()
         save_checkpoint(self.ckpt_path, **state)
+
+    def progress(self, last: dict) -> str:
+        losses = " ".join(f"{k} {v:.4g}" for k, v in last.items())
+        return (f"{self.design.name} step {self.step_no}/{self.total_steps} {losses} ({self.seconds / self.step_no:.3f}"
+                f" s/step, {self.cpu_seconds / self.step_no:.3f} CPU s/step)")
 
     def train(self, max_minutes: float | None = None) -> bool:
         """Runs to total_steps (or until max_minutes pass, checkpointed, to be resumed); True when done."""
@@ -267,9 +362,7 @@ class Trainer:
             self.seconds += time.time() - t0
             self.cpu_seconds += time.process_time() - c0
             if self.step_no % 100 == 0:
-                log(f"{self.design.name} step {self.step_no}/{self.total_steps} rec {last['rec']:.4f} "
-                    f"q {last['q']:.4f} restarted {last.get('restarted', '-')} "
-                    f"({self.seconds / self.step_no:.3f} s/step, {self.cpu_seconds / self.step_no:.3f} CPU s/step)")
+                log(self.progress(last))
             if self.step_no % CHECKPOINT_EVERY == 0 or self.step_no == self.total_steps:
                 self.save_checkpoint()
             if max_minutes is not None and time.time() - start > 60 * max_minutes:

@@ -46,10 +46,20 @@ def psnr(recon: np.ndarray, truth: np.ndarray, where: np.ndarray | None = None) 
     return float(np.mean(10 * np.log10(255**2 / np.maximum(mse, 1e-8))))
 
 
-def identity_all(reader, images, scenes) -> float:
+def identity_right(reader, images, scenes) -> np.ndarray:
+    """Per picture: is every identity attribute read right?"""
     readings = reader.read(images)
     truth = [scene_attributes(s) for s in scenes]
-    return float(np.mean([all(r[a] == t[a] for a in IDENTITY) for r, t in zip(readings, truth)]))
+    return np.array([all(r[a] == t[a] for a in IDENTITY) for r, t in zip(readings, truth)])
+
+
+def identity_figures(reader, images, scenes) -> dict:
+    """"identity, all" over the pictures and for each of toyworld's subject sizes: is a subject that fills more
+    of the picture (more tokens) kept whole more often?"""
+    right = identity_right(reader, images, scenes)
+    sizes = np.array([s.size for s in scenes])
+    return {"identity_all": float(right.mean()),
+            "identity_all_by_size": {str(size): float(right[sizes == size].mean()) for size in sorted(set(sizes))}}
 
 
 @torch.no_grad()
@@ -80,7 +90,7 @@ def score_tokenizer(vqgan_dir: Path, reader, renders, scenes, pixels, masks) -> 
         "codes_used_held_out": codes_used(vqgan_dir, pixels),
         "psnr": psnr(arr, pixels), "psnr_subject": psnr(arr, pixels, masks >= 0.5),
         "psnr_background": psnr(arr, pixels, masks < 0.5),
-        "reader": accuracy(reader, recon, scenes), "identity_all": identity_all(reader, recon, scenes),
+        "reader": accuracy(reader, recon, scenes), **identity_figures(reader, recon, scenes),
     }, recon
 
 
@@ -124,10 +134,10 @@ def main(argv=None) -> None:
     suffix = "" if args.split == "test" else f"-{args.split}"
     results_path = args.work / f"results{suffix}.json"
     results = json.loads(results_path.read_text()) if args.only and results_path.exists() else {}
-    if "renders" not in results:
+    if "identity_all_by_size" not in results.get("renders", {}):
         results.update({"n_held_out": len(scenes), "subject_share": subject_share(args.work),
                         "renders": {"reader": accuracy(reader, renders, scenes),
-                                    "identity_all": identity_all(reader, renders, scenes)}})
+                                    **identity_figures(reader, renders, scenes)}})
     rows = [("renders", renders)]
     # every design folder with a finished VQGAN (snapshots such as A400 included), then v2's as the reference
     candidates = [(p.parent.name, p) for p in sorted(args.work.glob("*/vqgan"))] + [("v2 shipped", V2_SHIPPED)]
@@ -146,13 +156,13 @@ def main(argv=None) -> None:
     grid(rows, args.work / f"grid{suffix}.png")
     atomic_write_json(results_path, results)
     attrs = list(VALUES)
-    log("design  tokens  PSNR  subject  id-all  " + "  ".join(a[:6] for a in attrs))
-    log(f"renders  -   -  -  {results['renders']['identity_all']:.3f}  "
-        + "  ".join(f"{results['renders']['reader'][a]:.3f}" for a in attrs))
-    for name, _ in candidates:
+    log("design  tokens  PSNR  subject  id-all (by size)  " + "  ".join(a[:6] for a in attrs))
+    for name in ["renders", *(name for name, _ in candidates)]:
         if name in results:
             r = results[name]
-            log(f"{name}  {r['tokens_per_image']}  {r['psnr']:.2f}  {r['psnr_subject']:.2f}  {r['identity_all']:.3f}  "
+            by_size = ", ".join(f"{k} {v:.3f}" for k, v in r.get("identity_all_by_size", {}).items())
+            log(f"{name}  {r.get('tokens_per_image', '-')}  {r.get('psnr', float('nan')):.2f}  "
+                f"{r.get('psnr_subject', float('nan')):.2f}  {r['identity_all']:.3f} ({by_size})  "
                 + "  ".join(f"{r['reader'][a]:.3f}" for a in attrs))
 
 
