@@ -47,7 +47,8 @@ def add_lora(backbone, cfg: TrainConfig):
                if f"{prefix}.{proj}.weight" in trainable]
     lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, lora_dropout=0.0, target_modules=targets)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: the same seed gives the same run
-    with warnings.catch_warnings():
+    # quiet_imports again: peft imports bitsandbytes lazily too, when it picks the kind of its first LoRA layer
+    with warnings.catch_warnings(), quiet_imports():
         # On a quantized base (QLoRA) peft warns that its TorchaoLoraLinear cannot merge(): tokenbooth merges an
         # adapter into the bf16 model only, never into the quantized one it trained on.
         warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated", category=UserWarning)
