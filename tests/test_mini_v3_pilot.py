@@ -9,9 +9,9 @@ import torch
 
 from dataclasses import replace
 
-from tokenbooth.pretrain.mini_v3_pilot import (
-    Design, PatchDiscriminator, Trainer, adaptive_weight, build_data, feature_matching_loss,
-    hinge_discriminator_loss, reconstruction_loss, subject_mask, token_share,
+from tokenbooth.pretrain.mini_v3_pilot import Design, Trainer, build_data, reconstruction_loss, subject_mask, token_share
+from tokenbooth.pretrain.patch_discriminator import (
+    PatchDiscriminator, adaptive_weight, feature_matching_loss, hinge_discriminator_loss,
 )
 from tokenbooth.toyworld import pretraining_scene, render, render_background
 from tokenbooth.toyworld.render import CANVAS

@@ -11,257 +11,33 @@ Budget on 2 cores, alone: VQGAN about 40 min, encoding 10 min, transformer about
 decoder 4 min: about 4.2 h in all. `--device cuda` runs the same steps on a GPU (the default when one is there).
 `--recipe v3` (issue #23) trains on a tokenizer made by the pilot (`--vqgan`) and exports to <work>/model;
 `--max-minutes` stops the transformer checkpointed, so a long run spreads over sessions.
+The recipes and the data step live in mini_recipes.py, the VQGAN and decoder steps in mini_vqgan.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backbones.chameleon import PROMPT_TEMPLATE, ChameleonBackbone, ChameleonSpec
+from ..backbones.chameleon import PROMPT_TEMPLATE, ChameleonBackbone
 from ..backbones.chameleon_build import BPE_MERGES, chameleon_config, train_bpe_tokenizer
-from ..assets import MINI_DIR
 from ..errors import UserError
 from ..io import atomic_path
-from ..toyworld import Scene, caption, pretraining_scene, render
-from ..vq import VQGAN, VQGANConfig, save_vqgan
+from ..toyworld import caption
 from .loop import load_checkpoint, log, resume, save_checkpoint, zero_denormals  # noqa: F401 (resume: re-exported)
-
-RESOLUTION = 64
-MODEL_DIR = MINI_DIR  # the shipped model folder `--recipe v2` writes
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Everything that makes one version of mini: its tokenizer, transformer and their training budgets."""
-
-    name: str
-    vqgan: VQGANConfig
-    size_unit: int  # pixels a size token counts: two VQ latents a side, as in Lumina-mGPT
-    context: int  # positions: a prompt of about 40 tokens + the image block (rows of latents and a row end)
-    # Cosine cycles with warm restarts (steps, peak learning rate), each with its own warm-up
-    transformer_cycles: tuple[tuple[int, float], ...]
-    hidden: int = 256
-    layers: int = 6
-    heads: int = 8
-    transformer_batch: int = 48
-    num_scenes: int = 60_000
-    vqgan_steps: int = 8000  # 0: trained elsewhere, given with --vqgan
-    vqgan_batch: int = 8
-    vqgan_lr: float = 4e-4
-    decoder_steps: int = 1200
-    decoder_lr: float = 2e-4
-    model_dir: Path | None = None  # where `export` writes; None: <work>/model
-
-    @property
-    def transformer_steps(self) -> int:
-        return sum(steps for steps, _ in self.transformer_cycles)
-
-    @property
-    def spec(self) -> ChameleonSpec:
-        return ChameleonSpec(resolution=RESOLUTION, size_unit=self.size_unit, family="mini")
-
-
-# mini v2, what ships. Its VQGAN: the same class as Chameleon's (ch 128, ch_mult 1,1,2,2,4, 8192 codes), 4x
-# down-sampling so that 64 px images become 16 x 16 = 256 tokens. 8x (64 tokens) was tried first from scratch:
-# its codes smeared the patterns, accents and parts away (21.5 dB), the identity stage 2 exists to learn.
-# Its transformer's cycles: the first 1200-step cycle left the loss still falling (1.80) and prompts
-# half-followed; a second, gentler cycle continued from it (a stopped run is extended by resuming, not
-# retrained). The second ended at 1.53 with objects still smudged (backgrounds right 96%, colors and positions
-# about 71%): a third, gentler still, followed.
-V2 = Recipe(
-    name="v2",
-    vqgan=VQGANConfig(embed_dim=32, n_embed=1024, z_channels=64, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1,
-                      resolution=RESOLUTION),
-    size_unit=8, context=384, transformer_cycles=((1200, 1e-3), (1800, 5e-4), (1800, 3e-4)), model_dir=MODEL_DIR)
-# mini v3 (issue #23): 8x down-sampling, 8 x 8 = 64 tokens a picture and 4096 codes. Its VQGAN is not trained
-# here: it is the tokenizer pilot's design D (v2's grown by one level, subject-weighted; mini_v3_pilot.py),
-# passed with --vqgan. A 64-token picture makes a sequence of at most about 115 positions instead of 315, so
-# at v2's steps and batch a transformer of v2's size costs 0.26x v2's step and one of 384 x 8 layers (3.2x
-# v2's parameters) 0.60x (benchmarks/mini_step.py, 2 cores): v3 takes the larger one.
-V3 = Recipe(
-    name="v3",
-    vqgan=VQGANConfig(embed_dim=32, n_embed=4096, z_channels=64, ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1,
-                      resolution=RESOLUTION),
-    size_unit=16, context=160, transformer_cycles=((1200, 1e-3), (1800, 5e-4), (1800, 3e-4)), hidden=384,
-    layers=8, vqgan_steps=0, decoder_steps=0)
-RECIPES = {r.name: r for r in (V2, V3)}
-# v2's names, read by the tokenizer pilot and the tests
-VQGAN_CONFIG, MINI_SPEC = V2.vqgan, V2.spec
-WARMUP = 100
-
-
-# --- data ---------------------------------------------------------------------------------------------
-
-def build_data(work: Path, recipe: Recipe = V2) -> None:
-    if (work / "scenes.jsonl").exists():
-        return
-    log(f"rendering {recipe.num_scenes} scenes")
-    scenes = [pretraining_scene(i) for i in range(recipe.num_scenes)]
-    pixels = np.stack([np.asarray(render(s, RESOLUTION)) for s in scenes])
-    with atomic_path(work / "pixels.npy") as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, pixels)
-    with atomic_path(work / "scenes.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in scenes))
-
-
-def load_pixels(work: Path) -> torch.Tensor:
-    arr = np.load(work / "pixels.npy")
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def load_scenes(work: Path) -> list[Scene]:
-    return [Scene.from_dict(json.loads(line)) for line in (work / "scenes.jsonl").read_text().splitlines()]
-
-
-# --- VQGAN --------------------------------------------------------------------------------------------
-
-def restart_dead_codes(model: VQGAN, usage: torch.Tensor, latents: torch.Tensor) -> int:
-    """Codes nobody picked lately are moved onto random encoder outputs, so the whole codebook gets used."""
-    dead = (usage == 0).nonzero().flatten()
-    if len(dead) == 0:
-        return 0
-    flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
-    picks = flat[torch.randint(len(flat), (len(dead),))]
-    model.quantize.embedding.weight.data[dead] = picks + 0.01 * torch.randn_like(picks)
-    return len(dead)
-
-
-def train_vqgan(work: Path, recipe: Recipe = V2, device: str = "cpu", trained: Path | None = None) -> None:
-    out = work / "vqgan"
-    if (out / "vqgan.safetensors").exists():
-        return
-    if trained is not None:  # a tokenizer trained elsewhere (v3's: the pilot's design D)
-        use_trained_vqgan(trained, recipe, out)
-        return
-    if recipe.vqgan_steps == 0:
-        raise UserError(f"mini {recipe.name}'s VQGAN is trained by the tokenizer pilot: pass --vqgan FOLDER "
-                        "(python -m tokenbooth.pretrain.mini_v3_pilot train D --steps 4000 writes <work>/D/vqgan)")
-    torch.manual_seed(0)
-    pixels = load_pixels(work)
-    held_out = pixels[-1000:]  # never trained on: the PSNR in the README is measured on these
-    pixels = pixels[:-1000]
-    model = VQGAN(recipe.vqgan).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=recipe.vqgan_lr, betas=(0.5, 0.9))
-    ckpt_path = work / "vqgan.ckpt"
-    step = 0
-    if (ck := load_checkpoint(ckpt_path)) is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        step = ck["step"]
-        torch.set_rng_state(ck["rng"])
-        log(f"vqgan: resumed at step {step}")
-    usage = torch.zeros(recipe.vqgan.n_embed, device=device)
-    t0 = time.time()
-    while step < recipe.vqgan_steps:
-        lr = recipe.vqgan_lr * 0.5 * (1 + math.cos(math.pi * step / recipe.vqgan_steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batch = pixels[torch.randint(len(pixels), (recipe.vqgan_batch,))].to(device)
-        recon, q_loss, idx = model(batch)
-        rec_loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch)
-        loss = rec_loss + q_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        usage += torch.bincount(idx.flatten(), minlength=recipe.vqgan.n_embed)
-        step += 1
-        if step % 50 == 0:
-            zero_denormals(opt)
-        if step % 100 == 0 and step < recipe.vqgan_steps * 0.8:
-            with torch.no_grad():
-                n = restart_dead_codes(model, usage, model.encode_latent(batch))
-            usage.zero_()
-            log(f"vqgan step {step} loss {rec_loss.item():.4f} q {q_loss.item():.4f} restarted {n} "
-                f"({(time.time() - t0) / 100:.2f}s/step)")
-            t0 = time.time()
-        if step % 1000 == 0:
-            model.eval()
-            log(f"vqgan step {step}: held-out PSNR {vqgan_psnr(model, held_out[:200]):.2f} dB (200 renders)")
-            model.train()
-        if step % 200 == 0 or step == recipe.vqgan_steps:
-            save_checkpoint(ckpt_path, model=model.state_dict(), opt=opt.state_dict(), step=step,
-                            rng=torch.get_rng_state())
-    model.eval()
-    log(f"vqgan: held-out PSNR {vqgan_psnr(model, held_out):.2f} dB")
-    save_vqgan(model.cpu(), out)
-
-
-def use_trained_vqgan(trained: Path, recipe: Recipe, out: Path) -> None:
-    """Copies a VQGAN trained elsewhere into the run, after checking it is the recipe's shape."""
-    from ..vq import load_vqgan
-
-    model = load_vqgan(trained)
-    if model.config != recipe.vqgan:
-        raise UserError(f"--vqgan {trained}: its config is not mini {recipe.name}'s ({model.config} != {recipe.vqgan})")
-    save_vqgan(model, out)
-    log(f"vqgan: {trained} ({recipe.vqgan.downsample}x, {recipe.vqgan.n_embed} codes)")
-
-
-def finetune_decoder(work: Path, recipe: Recipe = V2, device: str = "cpu") -> None:
-    """More training for the decoder alone, with encoder and codebook frozen: pictures get sharper while
-    every image's tokens, and so the transformer trained on them, stay exactly valid."""
-    from ..vq import load_vqgan
-
-    done = work / "vqgan" / "decoder_finetuned"
-    if done.exists() or recipe.decoder_steps == 0:
-        return
-    torch.manual_seed(1)
-    model = load_vqgan(work / "vqgan").to(device)
-    pixels = load_pixels(work)
-    held_out, pixels = pixels[-1000:], pixels[:-1000]
-    log(f"decoder: held-out PSNR before {vqgan_psnr(model, held_out):.2f} dB")
-    params = list(model.decoder.parameters()) + list(model.post_quant_conv.parameters())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=recipe.decoder_lr, betas=(0.5, 0.9))
-    model.train()
-    for step in range(1, recipe.decoder_steps + 1):
-        for g in opt.param_groups:
-            g["lr"] = recipe.decoder_lr * 0.5 * (1 + math.cos(math.pi * step / recipe.decoder_steps))
-        batch = pixels[torch.randint(len(pixels), (recipe.vqgan_batch,))].to(device)
-        with torch.no_grad():
-            zq = model.quantize.lookup(model.encode(batch))
-        recon = model.decode_latent(zq)
-        loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0:
-            zero_denormals(opt)
-        if step % 200 == 0:
-            log(f"decoder step {step} loss {loss.item():.4f}")
-    model.eval()
-    log(f"decoder: held-out PSNR after {vqgan_psnr(model, held_out):.2f} dB")
-    save_vqgan(model.cpu(), work / "vqgan")
-    done.write_text("1\n")
-
-
-@torch.no_grad()
-def vqgan_psnr(model: VQGAN, pixels: torch.Tensor) -> float:
-    """Mean PSNR (dB) of reconstructions, images in [-1, 1] measured on the 0..255 scale."""
-    psnrs = []
-    device = next(model.parameters()).device
-    for chunk in pixels.split(250):
-        chunk = chunk.to(device)
-        recon = model.decode(model.encode(chunk))
-        to255 = lambda t: ((t + 1) * 127.5).round()  # noqa: E731
-        mse = (to255(recon) - to255(chunk)).pow(2).flatten(1).mean(1)
-        psnrs.append(10 * torch.log10(255**2 / mse.clamp_min(1e-8)))
-    return torch.cat(psnrs).mean().item()
+from .mini_recipes import (  # noqa: F401 (re-exported: mini's names, read by the pilot, tests and benchmarks)
+    MINI_SPEC, MODEL_DIR, RECIPES, RESOLUTION, V2, V3, VQGAN_CONFIG, WARMUP, Recipe, build_data, load_pixels,
+    load_scenes,
+)
+from .mini_vqgan import finetune_decoder, restart_dead_codes, train_vqgan, use_trained_vqgan, vqgan_psnr  # noqa: F401
 
 
 # --- text tokenizer and vocabulary ---------------------------------------------------------------------

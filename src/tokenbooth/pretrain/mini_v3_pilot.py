@@ -35,7 +35,9 @@ from ..toyworld import Scene, pretraining_scene, render
 from ..toyworld.render import CANVAS, DRAWERS, _accessory, _Painter, draw_background, object_box
 from ..vq import VQGAN, VQGANConfig, load_vqgan, save_vqgan
 from .loop import log, save_checkpoint, zero_denormals
-from .mini import RESOLUTION, VQGAN_CONFIG, restart_dead_codes
+from .mini_recipes import RESOLUTION, VQGAN_CONFIG
+from .mini_vqgan import restart_dead_codes
+from .patch_discriminator import PatchDiscriminator, adaptive_weight, feature_matching_loss, hinge_discriminator_loss
 
 NUM_TRAIN = 20_000  # pretraining scenes 0..N-1 of v2's stream (base seed 0); a 30-minute run sees ~1 epoch
 NUM_HELD_OUT = 500  # scored on: the reader's held-out stream (base seed 7), never trained on by any VQGAN here
@@ -193,49 +195,6 @@ def load_set(work: Path, name: str, device: str = "cpu") -> tuple[torch.Tensor, 
     pixels = torch.from_numpy(data["pixels"]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     masks = torch.from_numpy(data["masks"]).float()[:, None] / 255.0
     return pixels.to(device), masks.to(device)
-
-
-# --- the discriminator: an adversarial and a perceptual loss learned in the run -----------------------------
-
-class PatchDiscriminator(torch.nn.Module):
-    """Real-or-reconstructed logits for each 8 x 8-pixel patch of a 64-px picture (pix2pix's PatchGAN, three
-    stride-2 levels); `features` are what the perceptual loss compares."""
-
-    def __init__(self, channels: tuple[int, ...] = (32, 64, 128)):
-        super().__init__()
-        levels, c_in = [], 3
-        for i, c in enumerate(channels):
-            norm = torch.nn.Identity() if i == 0 else torch.nn.GroupNorm(8, c)
-            levels.append(torch.nn.Sequential(torch.nn.Conv2d(c_in, c, 4, stride=2, padding=1), norm,
-                                              torch.nn.LeakyReLU(0.2)))
-            c_in = c
-        self.levels = torch.nn.ModuleList(levels)
-        self.head = torch.nn.Conv2d(c_in, 1, 3, padding=1)
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        features, h = [], pixels
-        for level in self.levels:
-            h = level(h)
-            features.append(h)
-        return self.head(h), features
-
-
-def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    return torch.relu(1 - real_logits).mean() + torch.relu(1 + fake_logits).mean()
-
-
-def feature_matching_loss(real: list[torch.Tensor], fake: list[torch.Tensor]) -> torch.Tensor:
-    """Mean L1 distance of the discriminator's features, each level divided by the real features' mean size so
-    that every level counts alike (pix2pixHD's feature matching)."""
-    return sum((f - r.detach()).abs().mean() / (r.detach().abs().mean() + 1e-6) for r, f in zip(real, fake)) / len(real)
-
-
-def adaptive_weight(rec: torch.Tensor, adversarial: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-    """taming's balance: the ratio of the two losses' gradient norms at the decoder's last layer, so the
-    adversarial term pushes as hard as the reconstruction whatever their scales (clamped, detached)."""
-    rec_grad = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
-    adv_grad = torch.autograd.grad(adversarial, last_layer, retain_graph=True)[0]
-    return (rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
 # --- training ---------------------------------------------------------------------------------------------

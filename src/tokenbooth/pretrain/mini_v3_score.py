@@ -26,7 +26,7 @@ from ..eval.reader import IDENTITY, VALUES, accuracy, load_reader, scene_attribu
 from ..io import atomic_save_image, atomic_write_json
 from ..toyworld import pretraining_scene
 from ..vq import load_vqgan
-from .mini import log
+from .loop import log
 from .mini_v3_pilot import HELD_OUT_SPLITS, held_out_scenes, render_set, token_share
 from .reader import reconstructions
 
