@@ -57,7 +57,7 @@ def quick(compute_dtype: str, **overrides) -> "TrainConfig":
 
 # --- tiny models in the real formats ------------------------------------------------------------------------
 
-def build_tiny_model_folder(folder, seed: int = 0):
+def build_tiny_model_folder(folder, seed: int = 0, context: int = 160):
     """A tiny random-weight Chameleon backbone saved as mini is (mini's family), so tests go through the same
     loading and sampling code as mini and Lumina-mGPT, in seconds."""
     from transformers import ChameleonForConditionalGeneration
@@ -69,7 +69,7 @@ def build_tiny_model_folder(folder, seed: int = 0):
     vq_cfg = VQGANConfig(embed_dim=16, n_embed=64, z_channels=32, ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16)
     rng = random.Random(seed)
     tokenizer = train_bpe_tokenizer([caption(pretraining_scene(i), rng) for i in range(300)], vq_cfg.n_embed, 40)
-    config = chameleon_config(tokenizer.get_vocab(), n_codes=vq_cfg.n_embed, hidden=64, layers=2, heads=4, context=160)
+    config = chameleon_config(tokenizer.get_vocab(), n_codes=vq_cfg.n_embed, hidden=64, layers=2, heads=4, context=context)
     backbone = ChameleonBackbone("tiny", ChameleonForConditionalGeneration(config).eval(), tokenizer,
                                  VQGAN(vq_cfg).eval(), ChameleonSpec(resolution=16, size_unit=4, family="mini"))
     save_chameleon(backbone, folder)

@@ -76,3 +76,14 @@ def test_bad_sampling_settings_are_refused(tiny_backbone, field, value):
 def test_a_prompt_longer_than_the_context_is_refused(tiny_backbone):
     with pytest.raises(UserError, match="prompt too long"):
         sample_image_tokens(tiny_backbone, ["a red robot " * 100], SamplingConfig.for_family("mini"))
+
+
+def test_a_prompt_too_long_is_told_by_how_many_tokens(tiny_backbone):
+    from tokenbooth.sampling.sampler import check_prompt_fits
+
+    room = tiny_backbone.max_length - tiny_backbone.layout.body_length
+    fits = tiny_backbone.prompt_ids("a")
+    check_prompt_fits(tiny_backbone, fits + [fits[-1]] * (room - len(fits)))  # exactly full: no error
+    for over in (1, 3):
+        with pytest.raises(UserError, match=f"by at least {over} token{'s' if over > 1 else ''}\\)"):
+            check_prompt_fits(tiny_backbone, fits + [fits[-1]] * (room - len(fits) + over))

@@ -46,3 +46,32 @@ def zero_denormals(optimizer: torch.optim.Optimizer) -> None:
         for t in state.values():
             if torch.is_tensor(t) and t.is_floating_point() and t.dim() > 0:
                 t.masked_fill_(t.abs() < 1e-30, 0.0)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters, max_norm: float = 1.0) -> float:
+    """One update: gradients of `loss`, clipped to `max_norm` over `parameters`; returns the loss as a float."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    optimizer.step()
+    return loss.item()
+
+
+class StepLog:
+    """A line every `every` steps: the mean loss over them and the wall-clock and CPU seconds a step (CPU time
+    is the fair measure on a machine other jobs share)."""
+
+    def __init__(self, what: str, every: int = 5):
+        self.what, self.every = what, every
+        self._start()
+
+    def _start(self) -> None:
+        self.wall, self.cpu, self.total = time.time(), time.process_time(), 0.0
+
+    def add(self, step: int, loss: float, note: str = "") -> None:
+        self.total += loss
+        if step % self.every == 0:
+            n = self.every
+            log(f"{self.what} step {step} loss {self.total / n:.4f}{note} ({(time.time() - self.wall) / n:.2f} s, "
+                f"{(time.process_time() - self.cpu) / n:.2f} CPU s a step)")
+            self._start()

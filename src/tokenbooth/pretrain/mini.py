@@ -112,11 +112,12 @@ def sequence_loss(backbone, ids, labels):
     return losses[known].mean()
 
 
-def next_token_losses(backbone, ids, labels, compute_dtype=torch.bfloat16):
+def next_token_losses(backbone, ids, labels, compute_dtype=torch.bfloat16, inputs_embeds=None):
     """Each position's full-vocabulary cross-entropy against the next label, flattened, and where a label is
-    known (not -100); matrix products in `compute_dtype` (float32: none under autocast), the loss in fp32."""
+    known (not -100); matrix products in `compute_dtype` (float32: none under autocast), the loss in fp32.
+    `inputs_embeds`, when given, stands for the ids' embeddings (rows trained apart from the table)."""
     with torch.autocast(backbone.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-        hidden, _ = backbone.hidden_states(ids)
+        hidden, _ = backbone.hidden_states(None if inputs_embeds is not None else ids, inputs_embeds=inputs_embeds)
         logits = backbone.vocabulary_logits(hidden)
     logits = logits.float()
     targets = labels.to(logits.device)[:, 1:].reshape(-1)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..assets import MINI_DIR
 from ..io import atomic_write_json
 from ..toyworld import caption, pretraining_scene
-from .loop import load_checkpoint, log, resume, save_checkpoint, zero_denormals
+from .loop import StepLog, load_checkpoint, log, optimizer_step, resume, save_checkpoint, zero_denormals
 from .mini import next_token_losses, pad_batch
 
 CHECKPOINT_EVERY = 25  # steps: a few minutes of 2 CPU cores
@@ -129,7 +129,7 @@ def train(work: Path, run: FocusRun, max_minutes: float | None = None, base: str
     ckpt = run_dir / "focus.ckpt"
     step = resume(ckpt, run.name, opt, model=model)
     model.train()
-    t0, cpu0, running, started = time.time(), time.process_time(), 0.0, time.time()
+    started, progress = time.time(), StepLog(run.name)
     while step < run.steps:
         if max_minutes is not None and time.time() - started > max_minutes * 60:
             save_checkpoint(ckpt, model=model.state_dict(), opt=opt.state_dict(), step=step)
@@ -140,18 +140,12 @@ def train(work: Path, run: FocusRun, max_minutes: float | None = None, base: str
         gen = torch.Generator().manual_seed(step)
         idx = torch.randint(len(codes), (run.batch,), generator=gen).tolist()
         ids, labels, weights = (t.to(device) for t in focus_batch(backbone, codes, cover, idx, step, run.subject_weight))
-        loss = weighted_sequence_loss(backbone, ids, labels, weights, run.compute_dtype)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = optimizer_step(opt, weighted_sequence_loss(backbone, ids, labels, weights, run.compute_dtype),
+                              model.parameters())
         step += 1
-        running += loss.item()
+        progress.add(step, loss, f" lr {learning_rate(run, step - 1):.2e}")
         if step % 5 == 0:
             zero_denormals(opt)
-            log(f"{run.name} step {step} loss {running / 5:.4f} lr {learning_rate(run, step - 1):.2e} "
-                f"({(time.time() - t0) / 5:.2f} s, {(time.process_time() - cpu0) / 5:.2f} CPU s a step)")
-            t0, cpu0, running = time.time(), time.process_time(), 0.0
         if step % CHECKPOINT_EVERY == 0 or step == run.steps:
             save_checkpoint(ckpt, model=model.state_dict(), opt=opt.state_dict(), step=step)
     return True

@@ -221,9 +221,10 @@ class SamplingStats:
 def check_prompt_fits(backbone, prefix: list[int]) -> None:
     needed = len(prefix) + backbone.layout.body_length
     if needed > backbone.max_length:
-        room = backbone.max_length - backbone.layout.body_length - (len(prefix) - len(backbone.layout.header))
+        excess = needed - backbone.max_length
         raise UserError(f"prompt too long for {backbone.name}: the prompt and image need {needed} tokens, the "
-                        f"context holds {backbone.max_length} (shorten the prompt by about {-room} tokens)")
+                        f"context holds {backbone.max_length} (shorten the prompt by at least {excess} "
+                        f"token{'s' if excess > 1 else ''})")
 
 
 def guidance_batches(backbone, prompts: list[str], cfg: SamplingConfig, make) -> list:
