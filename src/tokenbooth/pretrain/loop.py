@@ -3,6 +3,7 @@ log line, checkpoints that appear whole and load without pickles, resuming from 
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -75,3 +76,9 @@ class StepLog:
             log(f"{self.what} step {step} loss {self.total / n:.4f}{note} ({(time.time() - self.wall) / n:.2f} s, "
                 f"{(time.process_time() - self.cpu) / n:.2f} CPU s a step)")
             self._start()
+
+
+def warmup_cosine(peak: float, step: int, steps: int, warmup: int) -> float:
+    """The rate at `step` of a schedule that warms up linearly over `warmup` steps and decays to zero by a
+    cosine over `steps`."""
+    return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))

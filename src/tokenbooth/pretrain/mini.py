@@ -17,7 +17,6 @@ The recipes and the data step live in mini_recipes.py, the VQGAN and decoder ste
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 import time
@@ -32,7 +31,7 @@ from ..backbones.chameleon_build import BPE_MERGES, chameleon_config, train_bpe_
 from ..errors import UserError
 from ..io import atomic_path
 from ..toyworld import caption
-from .loop import load_checkpoint, log, resume, save_checkpoint, zero_denormals  # noqa: F401 (resume: re-exported)
+from .loop import load_checkpoint, log, resume, save_checkpoint, warmup_cosine, zero_denormals  # noqa: F401 (resume: re-exported)
 from .mini_recipes import (  # noqa: F401 (re-exported: mini's names, read by the pilot, tests and benchmarks)
     MINI_SPEC, MODEL_DIR, RECIPES, RESOLUTION, V2, V3, VQGAN_CONFIG, WARMUP, Recipe, build_data, load_pixels,
     load_scenes,
@@ -89,11 +88,18 @@ def training_batch(backbone, scenes, codes, indices, step: int):
     seqs, labels = [], []
     for i in indices:
         rng = random.Random(f"{step}:{i}")  # captions vary across epochs yet resume exactly
-        body = backbone.layout.body_from_codes(codes[i : i + 1])[0].tolist() + list(backbone.layout.trailer)
-        prefix = backbone.unconditional_ids() if rng.random() < 0.1 else backbone.prompt_ids(caption(scenes[i], rng))
-        seqs.append(prefix + body)
-        labels.append([-100] * len(prefix) + body)
+        seq, lab = pretraining_sequence(backbone, codes[i], None if rng.random() < 0.1 else caption(scenes[i], rng))
+        seqs.append(seq)
+        labels.append(lab)
     return pad_batch(seqs, labels, backbone.model.config.pad_token_id)
+
+
+def pretraining_sequence(backbone, codes: torch.Tensor, prompt: str | None) -> tuple[list[int], list[int]]:
+    """One picture's (rows, cols) codes after its prompt (None: the unconditional header) and its labels: the
+    image block and trailer, nothing on the prompt."""
+    body = backbone.layout.body_from_codes(codes[None])[0].tolist() + list(backbone.layout.trailer)
+    prefix = backbone.unconditional_ids() if prompt is None else backbone.prompt_ids(prompt)
+    return prefix + body, [-100] * len(prefix) + body
 
 
 def pad_batch(seqs, labels, pad_id):
@@ -132,7 +138,7 @@ def transformer_lr(step: int, recipe: Recipe = V2) -> float:
     for steps, peak in recipe.transformer_cycles:
         if step < start + steps:
             t = step - start
-            return peak * min(1.0, (t + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * t / steps))
+            return warmup_cosine(peak, t, steps, WARMUP)
         start += steps
     return 0.0
 

@@ -20,7 +20,6 @@ pretraining captions them, one in ten without text (guidance's unconditional row
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import shutil
 import time
@@ -34,7 +33,9 @@ import torch.nn.functional as F
 from ..assets import MINI_DIR
 from ..io import atomic_write_json
 from ..toyworld import caption, pretraining_scene
-from .loop import StepLog, load_checkpoint, log, optimizer_step, resume, save_checkpoint, zero_denormals
+from .loop import (
+    StepLog, load_checkpoint, log, optimizer_step, resume, save_checkpoint, warmup_cosine, zero_denormals,
+)
 from .mini import next_token_losses, pad_batch
 
 CHECKPOINT_EVERY = 25  # steps: a few minutes of 2 CPU cores
@@ -102,7 +103,7 @@ def weighted_sequence_loss(backbone, ids, labels, weights, compute_dtype: str = 
 
 
 def learning_rate(run: FocusRun, step: int) -> float:
-    return run.lr * min(1.0, (step + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * step / run.steps))
+    return warmup_cosine(run.lr, step, run.steps, WARMUP)
 
 
 # --- training ---------------------------------------------------------------------------------------------

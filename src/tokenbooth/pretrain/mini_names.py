@@ -27,7 +27,6 @@ the same plain scenes, the control. No instrument (reader, toyDINO, toyCLIP) is 
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import shutil
 import time
@@ -43,8 +42,10 @@ from ..toyworld import (
     BACKGROUNDS, Instance, Scene, caption, pretraining_scene, random_instance, random_scene, render,
 )
 from ..vq import load_vqgan
-from .loop import StepLog, load_checkpoint, log, optimizer_step, resume, save_checkpoint, zero_denormals
-from .mini import next_token_losses, pad_batch
+from .loop import (
+    StepLog, load_checkpoint, log, optimizer_step, resume, save_checkpoint, warmup_cosine, zero_denormals,
+)
+from .mini import next_token_losses, pad_batch, pretraining_sequence
 from .mini_decoder import build_split, encode, to_tensor
 
 NAME_COUNT = 256
@@ -145,17 +146,6 @@ class NamesRun:
     compute_dtype: str = "bfloat16"  # mini.py's pretraining matrix products; float32 where bf16 is slow
 
 
-def learning_rate_factor(run: NamesRun, step: int) -> float:
-    return min(1.0, (step + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * step / run.steps))
-
-
-def sequence(backbone, codes: torch.Tensor, prompt: str | None) -> tuple[list[int], list[int]]:
-    """mini.py's pretraining sequence: prompt (or the unconditional header) + image block, loss on the block."""
-    body = backbone.layout.body_from_codes(codes[None])[0].tolist() + list(backbone.layout.trailer)
-    prefix = backbone.unconditional_ids() if prompt is None else backbone.prompt_ids(prompt)
-    return prefix + body, [-100] * len(prefix) + body
-
-
 def names_batch(backbone, plain, named, run: NamesRun, step: int):
     """`run.share` of the batch named scenes, the rest plain pretraining scenes; one in ten without text."""
     gen = torch.Generator().manual_seed(step)
@@ -170,7 +160,7 @@ def names_batch(backbone, plain, named, run: NamesRun, step: int):
         else:
             j, k = divmod(i, named["per_name"])
             codes, prompt = named["codes"][i], named_caption(named_scene(named["instances"][j], j, k), j, rng)
-        s, lab = sequence(backbone, codes, None if rng.random() < 0.1 else prompt)
+        s, lab = pretraining_sequence(backbone, codes, None if rng.random() < 0.1 else prompt)
         seqs.append(s)
         labels.append(lab)
     return pad_batch(seqs, labels, backbone.model.config.pad_token_id)
@@ -218,7 +208,7 @@ def train(work: Path, run: NamesRun, max_minutes: float | None = None, base: Pat
             log(f"{run.name}: stopped at step {step} (--max-minutes), checkpointed")
             return False
         for g in opt.param_groups:
-            g["lr"] = g["peak"] * learning_rate_factor(run, step)
+            g["lr"] = warmup_cosine(g["peak"], step, run.steps, WARMUP)
         ids, labels = names_batch(backbone, plain, named, run, step)
         embeds = spliced_embeddings(backbone, ids, first, names)
         losses, known = next_token_losses(backbone, ids, labels, getattr(torch, run.compute_dtype), embeds)

@@ -19,6 +19,13 @@ from ...errors import UserError
 from .. import stats
 
 PAIRED_METRICS = ("dino", "clip_i", "clip_t", "identity", "identity_all", "prompt")
+NOT_METHODS = frozenset({"references", "oracle"})  # the same pictures in every run
+
+
+def asked(rows: dict[str, list[dict]]) -> list[str | None]:
+    """The prompts a subject's rows were asked, in order (every method row of a run asks the same ones)."""
+    method = next((r for r in sorted(rows) if r not in NOT_METHODS), None)
+    return [image.get("clip_t_text") for image in rows.get(method, [])]
 
 
 def per_image_scores(run: Path) -> dict[str, dict[str, list[dict]]]:
@@ -36,11 +43,9 @@ def paired(a: dict, b: dict, rows: list[str] | None = None) -> dict:
     if not shared:
         raise UserError("the two runs share no subject")
     for s in shared:  # the same question asked of both: the same prompts, in the same order
-        texts = lambda run: [i.get("clip_t_text") for i in run[s].get("base", run[s].get("two-stage-qkv", []))]  # noqa: E731
-        if texts(a) != texts(b):
+        if asked(a[s]) != asked(b[s]):
             raise UserError(f"subject {s}: the two runs asked different prompts; they cannot be paired")
-    not_methods = {"references", "oracle"}  # the same pictures in every run
-    candidates = rows or sorted(({r for s in shared for r in a[s]} & {r for s in shared for r in b[s]}) - not_methods)
+    candidates = rows or sorted(({r for s in shared for r in a[s]} & {r for s in shared for r in b[s]}) - NOT_METHODS)
     out = {}
     for row in candidates:
         if not all(row in a[s] and row in b[s] for s in shared):
