@@ -78,7 +78,7 @@ class StepLog:
             self._start()
 
 
-def warmup_cosine(peak: float, step: int, steps: int, warmup: int) -> float:
-    """The rate at `step` of a schedule that warms up linearly over `warmup` steps and decays to zero by a
-    cosine over `steps`."""
+def warmup_cosine(peak: float, step: int, steps: int, warmup: int = 1) -> float:
+    """The rate at `step` of a schedule that warms up linearly over `warmup` steps (1: no warm-up) and decays
+    to zero by a cosine over `steps`."""
     return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from ..eval.reader import accuracy, load_reader
 from ..io import atomic_write_json
 from ..toyworld import pretraining_scene
 from ..vq import load_vqgan, save_vqgan
-from .loop import log, save_checkpoint, zero_denormals
+from .loop import log, save_checkpoint, warmup_cosine, zero_denormals
 from .mini_v3_pilot import HELD_OUT_SPLITS as SPLITS
 from .mini_v3_pilot import held_out_scenes, render_set
 from .mini_v3_score import identity_figures, psnr
@@ -146,7 +145,7 @@ def train(work: Path, run: DecoderRun, max_minutes: float | None = None) -> bool
     while step < run.steps:
         t0 = time.time()
         for g in opt.param_groups:
-            g["lr"] = run.lr * 0.5 * (1 + math.cos(math.pi * step / run.steps))
+            g["lr"] = warmup_cosine(run.lr, step, run.steps)
         # the batch is a function of the step, so a resumed run draws what an uninterrupted one would
         idx = torch.randint(len(pixels), (run.batch,), generator=torch.Generator().manual_seed(step))
         with torch.no_grad():

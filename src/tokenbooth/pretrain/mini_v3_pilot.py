@@ -18,7 +18,6 @@ instrument (reader, toyDINO, toyCLIP) is used in training: they only judge the r
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import time
 from dataclasses import dataclass, replace
@@ -34,7 +33,7 @@ from ..toyworld import Scene, pretraining_scene, render
 # The renderer's own drawers, so that the mask is exactly what `render` paints (toyworld has no public mask).
 from ..toyworld.render import CANVAS, DRAWERS, _accessory, _Painter, draw_background, object_box
 from ..vq import VQGAN, VQGANConfig, load_vqgan, save_vqgan
-from .loop import log, save_checkpoint, zero_denormals
+from .loop import log, save_checkpoint, warmup_cosine, zero_denormals
 from .mini_recipes import RESOLUTION, VQGAN_CONFIG
 from .mini_vqgan import restart_dead_codes
 from .patch_discriminator import PatchDiscriminator, adaptive_weight, feature_matching_loss, hinge_discriminator_loss
@@ -253,7 +252,7 @@ class Trainer:
 
     def step(self) -> dict:
         d, step = self.design, self.step_no
-        lr = d.lr * 0.5 * (1 + math.cos(math.pi * step / self.total_steps))
+        lr = warmup_cosine(d.lr, step, self.total_steps)
         for opt in self.optimizers:
             for g in opt.param_groups:
                 g["lr"] = lr

@@ -3,7 +3,6 @@ trained from scratch (v2) or taken from the tokenizer pilot (v3, --vqgan), then 
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..vq import VQGAN, save_vqgan
-from .loop import load_checkpoint, log, save_checkpoint, zero_denormals
+from .loop import load_checkpoint, log, save_checkpoint, warmup_cosine, zero_denormals
 from .mini_recipes import V2, Recipe, load_pixels
 
 def restart_dead_codes(model: VQGAN, usage: torch.Tensor, latents: torch.Tensor) -> int:
@@ -53,7 +52,7 @@ def train_vqgan(work: Path, recipe: Recipe = V2, device: str = "cpu", trained: P
     usage = torch.zeros(recipe.vqgan.n_embed, device=device)
     t0 = time.time()
     while step < recipe.vqgan_steps:
-        lr = recipe.vqgan_lr * 0.5 * (1 + math.cos(math.pi * step / recipe.vqgan_steps))
+        lr = warmup_cosine(recipe.vqgan_lr, step, recipe.vqgan_steps)
         for g in opt.param_groups:
             g["lr"] = lr
         batch = pixels[torch.randint(len(pixels), (recipe.vqgan_batch,))].to(device)
@@ -119,7 +118,7 @@ def finetune_decoder(work: Path, recipe: Recipe = V2, device: str = "cpu") -> No
     model.train()
     for step in range(1, recipe.decoder_steps + 1):
         for g in opt.param_groups:
-            g["lr"] = recipe.decoder_lr * 0.5 * (1 + math.cos(math.pi * step / recipe.decoder_steps))
+            g["lr"] = warmup_cosine(recipe.decoder_lr, step, recipe.decoder_steps)
         batch = pixels[torch.randint(len(pixels), (recipe.vqgan_batch,))].to(device)
         with torch.no_grad():
             zq = model.quantize.lookup(model.encode(batch))

@@ -11,7 +11,6 @@ Budget on 2 cores: about 15 minutes. Resumable.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..assets import READER_DIR
 from ..eval.reader import RESOLUTION, VALUES, AttributeReader, accuracy, labels, save_reader, to_pixels
 from ..io import atomic_write_json
 from ..toyworld import Scene, pretraining_scene, random_scene, render, reserved_instances
-from .loop import log, resume, save_checkpoint, zero_denormals
+from .loop import log, resume, save_checkpoint, warmup_cosine, zero_denormals
 
 STEPS = 3000
 BATCH = 64
@@ -67,7 +66,7 @@ def train(work: Path) -> AttributeReader:
     t0 = time.time()
     while step < STEPS:
         for g in opt.param_groups:
-            g["lr"] = LR * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / STEPS))
+            g["lr"] = warmup_cosine(LR, step, STEPS, warmup=100)
         pixels, target = training_batch(step)
         logits = model(pixels)
         loss = sum(F.cross_entropy(logits[a], target[a]) for a in VALUES)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import random
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ from ..io import atomic_write_json
 from ..toyworld import (COLORS, DEV_SUBJECTS, RESERVED, TEST_SUBJECTS, Scene, pretraining_scene, render,
                         reserved_instances)
 from ..toyworld.world import BACKGROUNDS, PATTERNS, POSITIONS
-from .loop import log, resume, save_checkpoint, zero_denormals
+from .loop import log, resume, save_checkpoint, warmup_cosine, zero_denormals
 
 RESOLUTION = 64
 STEPS = 2400
@@ -154,7 +153,7 @@ def train(work: Path):
     t0 = time.time()
     while step < STEPS:
         for g in opt.param_groups:
-            g["lr"] = LR * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / STEPS))
+            g["lr"] = warmup_cosine(LR, step, STEPS, warmup=100)
         xa, xb = training_views(step)
         gen = torch.Generator().manual_seed(step)
         cls = model(pixel_values=torch.cat([random_crops(xa, gen), random_crops(xb, gen)])).last_hidden_state[:, 0]
