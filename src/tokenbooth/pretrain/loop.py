@@ -1,10 +1,13 @@
 """What every pretraining script here shares (mini, the reader, toyDINO, toyCLIP, the v3 pilot): a timestamped
-log line, checkpoints that appear whole and load without pickles, resuming from them, and the CPU's denormals."""
+log line, checkpoints that appear whole and load without pickles, resuming from them, the CPU's denormals, the
+learning-rate schedule, and command-line options read from a run's dataclass."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -82,3 +85,19 @@ def warmup_cosine(peak: float, step: int, steps: int, warmup: int = 1) -> float:
     """The rate at `step` of a schedule that warms up linearly over `warmup` steps (1: no warm-up) and decays
     to zero by a cosine over `steps`."""
     return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")  # a run's matrix products; bfloat16 is fast on AMX / AVX512-BF16 and GPUs
+
+
+def add_run_options(ap: argparse.ArgumentParser, run_class) -> None:
+    """One --option for each field of a run's dataclass after its name (--steps, --lr, ...), with the field's
+    type and default, so that a new field is a new option without a second list to keep in step."""
+    for f in fields(run_class)[1:]:
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                        choices=COMPUTE_DTYPES if f.name == "compute_dtype" else None)
+
+
+def run_from_options(run_class, name: str, args: argparse.Namespace):
+    """The run that `add_run_options`' options describe."""
+    return run_class(name, **{f.name: getattr(args, f.name) for f in fields(run_class)[1:]})

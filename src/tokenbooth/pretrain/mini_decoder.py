@@ -37,7 +37,7 @@ from ..eval.reader import accuracy, load_reader
 from ..io import atomic_write_json
 from ..toyworld import pretraining_scene
 from ..vq import load_vqgan, save_vqgan
-from .loop import log, save_checkpoint, warmup_cosine, zero_denormals
+from .loop import add_run_options, log, run_from_options, save_checkpoint, warmup_cosine, zero_denormals
 from .mini_v3_pilot import HELD_OUT_SPLITS as SPLITS
 from .mini_v3_pilot import held_out_scenes, render_set
 from .mini_v3_score import identity_figures, psnr
@@ -209,11 +209,7 @@ def main(argv=None) -> None:
     ap.add_argument("what", choices=["data", "train", "score"])
     ap.add_argument("names", nargs="*", help="run names (score: 'v2' is the shipped decoder)")
     ap.add_argument("--work", type=Path, default=Path("runs/mini-decoder"))
-    ap.add_argument("--subject-weight", type=float, default=DecoderRun.subject_weight)
-    ap.add_argument("--edge-weight", type=float, default=DecoderRun.edge_weight)
-    ap.add_argument("--steps", type=int, default=DecoderRun.steps)
-    ap.add_argument("--batch", type=int, default=DecoderRun.batch)
-    ap.add_argument("--lr", type=float, default=DecoderRun.lr)
+    add_run_options(ap, DecoderRun)  # --subject-weight, --edge-weight, --steps, --batch, --lr
     ap.add_argument("--split", choices=sorted(SPLITS), default="dev")
     ap.add_argument("--max-minutes", type=float)
     args = ap.parse_args(argv)
@@ -224,7 +220,7 @@ def main(argv=None) -> None:
             build_split(args.work, split)
     elif args.what == "train":
         for name in args.names:
-            run = DecoderRun(name, args.subject_weight, args.edge_weight, args.steps, args.batch, args.lr)
+            run = run_from_options(DecoderRun, name, args)
             if train(args.work, run, args.max_minutes):
                 log(f"{name}: done")
     else:

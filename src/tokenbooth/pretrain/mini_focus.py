@@ -34,7 +34,8 @@ from ..assets import MINI_DIR
 from ..io import atomic_write_json
 from ..toyworld import caption, pretraining_scene
 from .loop import (
-    StepLog, load_checkpoint, log, optimizer_step, resume, save_checkpoint, warmup_cosine, zero_denormals,
+    StepLog, add_run_options, load_checkpoint, log, optimizer_step, resume, run_from_options, save_checkpoint,
+    warmup_cosine, zero_denormals,
 )
 from .mini import next_token_losses, pad_batch
 
@@ -178,17 +179,13 @@ def main(argv=None) -> None:
     ap.add_argument("what", choices=["train", "export"])
     ap.add_argument("name")
     ap.add_argument("--work", type=Path, default=Path("runs/mini-decoder"), help="where mini_decoder's data is")
-    ap.add_argument("--subject-weight", type=float, default=FocusRun.subject_weight)
-    ap.add_argument("--steps", type=int, default=FocusRun.steps)
-    ap.add_argument("--batch", type=int, default=FocusRun.batch)
-    ap.add_argument("--lr", type=float, default=FocusRun.lr)
-    ap.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default=FocusRun.compute_dtype)
+    add_run_options(ap, FocusRun)  # --subject-weight, --steps, --batch, --lr, --compute-dtype
     ap.add_argument("--max-minutes", type=float)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)  # denormal floats make CPU kernels many times slower
     if args.what == "train":
-        run = FocusRun(args.name, args.subject_weight, args.steps, args.batch, args.lr, args.compute_dtype)
+        run = run_from_options(FocusRun, args.name, args)
         if train(args.work, run, args.max_minutes, device=args.device):
             log(f"{args.name}: done")
     else:

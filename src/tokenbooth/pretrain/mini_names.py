@@ -30,7 +30,7 @@ import argparse
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,8 @@ from ..toyworld import (
 )
 from ..vq import load_vqgan
 from .loop import (
-    StepLog, load_checkpoint, log, optimizer_step, resume, save_checkpoint, warmup_cosine, zero_denormals,
+    StepLog, add_run_options, load_checkpoint, log, optimizer_step, resume, run_from_options, save_checkpoint,
+    warmup_cosine, zero_denormals,
 )
 from .mini import next_token_losses, pad_batch, pretraining_sequence
 from .mini_decoder import build_split, encode, to_tensor
@@ -294,8 +295,7 @@ def main(argv=None) -> None:
     ap.add_argument("what", choices=["data", "train", "export", "check"])
     ap.add_argument("name", nargs="?")
     ap.add_argument("--work", type=Path, default=Path("runs/mini-names"))
-    for f in fields(NamesRun)[1:]:  # --share, --steps, ...: the run's own fields and defaults
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    add_run_options(ap, NamesRun)  # --share, --steps, ...
     ap.add_argument("--names", type=int, default=NAME_COUNT, help="data: how many named individuals")
     ap.add_argument("--scenes-per-name", type=int, default=SCENES_PER_NAME, help="data: scenes of each")
     ap.add_argument("--max-minutes", type=float)
@@ -309,7 +309,7 @@ def main(argv=None) -> None:
         build_split(args.work, "train")
         build_named(args.work, args.names, args.scenes_per_name)
     elif args.what == "train":
-        run = NamesRun(args.name, **{f.name: getattr(args, f.name) for f in fields(NamesRun)[1:]})
+        run = run_from_options(NamesRun, args.name, args)
         if train(args.work, run, args.max_minutes, device=args.device):
             log(f"{args.name}: done")
     elif args.what == "export":
