@@ -63,6 +63,13 @@ def test_v3_trains_on_a_given_8x_tokenizer_and_exports_a_model_that_draws_64_tok
     assert backbone.encode_images(torch.zeros(1, 3, 64, 64)).shape == (1, 8, 8)
     assert (layout.rows, layout.cols, layout.codebook_size) == (8, 8, 64)
     assert layout.body_length == 8 * 9 + 1  # rows of 8 codes and a row end, then the image's end
+    # stored in bf16 to fit the package, held in fp32 once loaded, as mini trains
+    from safetensors import safe_open
+    with safe_open(str(work / "model" / "model.safetensors"), "pt") as f:
+        stored = f.get_tensor("model.embed_tokens.weight")
+    assert stored.dtype == torch.bfloat16
+    held = backbone.model.get_input_embeddings().weight
+    assert held.dtype == torch.float32 and torch.equal(held.cpu(), stored.float())
     # the first cycle's end was kept, and exports as a model of its own
     mini.export(work, toy, transformer=work / "transformer-step2", folder=work / "model-step2")
     assert load_backbone(str(work / "model-step2")).layout.rows == 8

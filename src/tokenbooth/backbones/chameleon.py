@@ -46,6 +46,7 @@ from ..quiet import quiet_imports
 from ..vq import VQGAN, load_vqgan, save_vqgan
 from ..vq.taming import load_taming_vqgan
 from .base import ImageLayout, ImageLogits, parameters_outside, require_token
+from .families import family_defaults
 from .hf import load_pretrained, read_config, read_tensors, use_float32_attention_on_cpu
 from .hub import cached_file
 
@@ -223,6 +224,8 @@ def load_chameleon(folder: Path, name: str | None = None, dtype=None, resolution
                              bos=bos_token(tokenizer_path.parent), family="lumina-mgpt")
     if resolution is not None:
         spec.resolution = resolution
+    weights_dtype = family_defaults(spec.family).weights_dtype
+    dtype = dtype or (weights_dtype and getattr(torch, weights_dtype))
     vqgan = find_vqgan(folder)
     model, reshaped = load_pretrained(ChameleonForConditionalGeneration, folder, dtype=dtype, device=device,
                                       optional=(".vqmodel.",),  # Lumina-mGPT deletes the VQ model before saving

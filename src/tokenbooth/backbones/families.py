@@ -33,6 +33,8 @@ class FamilyDefaults:
     # The text of classifier-free guidance's unconditional row, in the prompt's template (Emu3); None: the
     # family's own unconditional prefix (Lumina-mGPT: the image header alone; Janus-Pro: the prompt padded out).
     negative_prompt: str | None = None
+    # The dtype the weights are held in when a load names none; None: the checkpoint's own.
+    weights_dtype: str | None = None
 
 
 # Sun et al. 2025, Sec. 4.1, on Lumina-mGPT 7B: stage 1 lr 0.01 for about 1500 steps, stage 2 lr 5e-6 for
@@ -65,6 +67,9 @@ FAMILIES: dict[str, FamilyDefaults] = {
                    compute_dtype="bfloat16"),
         sample=dict(cfg_scale=2.0, image_top_k=2000),
         fidelity="toydino",
+        # fp32 master weights under the bf16 matrix products above, whatever a folder stores: a mini whose
+        # transformer is saved in bf16 to fit the package (v3) trains and samples exactly as one saved in fp32.
+        weights_dtype="float32",
     ),
     # Emu3-Gen (BAAI, 8B). Sampling as BAAI's README ("Quickstart", image_generation.py): classifier-free
     # guidance 3.0 against its negative prompt, top-k 2048 (of 32,768 codes). Its "masterpiece, film grained,

@@ -206,7 +206,8 @@ def export(work: Path, recipe: Recipe = V2, transformer: Path | None = None, fol
     from ..backbones.chameleon import save_chameleon
 
     backbone = new_backbone(work, recipe)
-    backbone.model = ChameleonForConditionalGeneration.from_pretrained(transformer or work / "transformer")
+    backbone.model = ChameleonForConditionalGeneration.from_pretrained(
+        transformer or work / "transformer", dtype=getattr(torch, recipe.export_dtype))
     folder = folder or recipe.model_dir or work / "model"
     save_chameleon(backbone, folder)
     log(f"exported mini {recipe.name} to {folder}")
